@@ -1,0 +1,186 @@
+"""Stage 2: deciding which singular components of every L and which entries of every S to keep.
+
+All allocators share one budget: kept parameters of the target matrices =
+target_density * their dense count. A singular component of an m x n matrix
+costs m + n (sigma folded into a factor, as the CAP paper counts it; DESIGN.md
+says m + n + 1 -- the extra scalar is a storage detail, not a parameter of the
+factored form), a sparse entry costs 1 (its index is reported separately).
+
+Allocators (config `allocators`):
+  uniform         the same density in every matrix, split by `rank_fraction`
+  rpca-threshold  global thresholds on sigma and |S| (RPCA alone, no learning)
+  cap             the paper's global probabilistic allocation (glrs.cap)
+  lowrank-only    cap restricted to the singular components
+  sparse-only     cap restricted to the sparse entries
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import cas
+from .errors import GlrsError
+
+ALLOC_VERSION = 1
+ALLOCATORS = ("cap", "uniform", "rpca-threshold", "lowrank-only", "sparse-only")
+NEEDS_CALIBRATION = ("cap", "lowrank-only", "sparse-only")
+
+
+@dataclass
+class MatrixPool:
+    """The candidates Stage 1 left for one matrix: its singular values and sorted |S|."""
+
+    name: str
+    layer: int
+    short: str
+    shape: tuple[int, int]
+    sigma: torch.Tensor  # [R], descending
+    s_abs: torch.Tensor  # [K], descending
+
+    @property
+    def dense(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def rank_cost(self) -> int:
+        return self.shape[0] + self.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.sigma.numel() * self.rank_cost + self.s_abs.numel()
+
+
+@dataclass
+class Allocation:
+    rank_keep: dict[str, torch.Tensor]  # name -> bool [R]
+    sparse_keep: dict[str, torch.Tensor]  # name -> bool [K]
+
+    def params_kept(self, pools: list[MatrixPool]) -> int:
+        return sum(int(self.rank_keep[p.name].sum()) * p.rank_cost + int(self.sparse_keep[p.name].sum()) for p in pools)
+
+
+def layer_file_key(short: str, part: str) -> str:
+    return f"{short}.{part}"
+
+
+def load_pools(rpca_files: list[str | Path]) -> list[MatrixPool]:
+    pools = []
+    for path in rpca_files:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["glrs"])
+            for short, info in meta["matrices"].items():
+                sigma = f.get_tensor(layer_file_key(short, "sigma")).double()
+                s_abs = f.get_tensor(layer_file_key(short, "S_values")).double().abs()
+                pools.append(MatrixPool(info["name"], meta["layer"], short, tuple(info["shape"]), sigma, s_abs))
+    return pools
+
+
+def budget_for(pools: list[MatrixPool], density: float) -> int:
+    dense = sum(p.dense for p in pools)
+    budget = int(round(density * dense))
+    capacity = sum(p.capacity for p in pools)
+    if budget > capacity:
+        raise GlrsError(
+            f"target density {density} cannot be met: Stage 1 left candidates worth at most {capacity / dense:.4f} of the dense "
+            "parameters; lower target_density or rerun RPCA with a smaller rpca.lambda_scale (more low-rank candidates)"
+        )
+    return budget
+
+
+def _prefix_mask(n: int, k: int) -> torch.Tensor:
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[:k] = True
+    return mask
+
+
+def _split_matrix_budget(pool: MatrixPool, budget: int, rank_fraction: float) -> tuple[int, int]:
+    """(rank, nnz) for one matrix: rank_fraction of the budget to components, the rest to entries,
+    and whatever one side cannot use goes to the other."""
+    R, K, c = pool.sigma.numel(), pool.s_abs.numel(), pool.rank_cost
+    r = min(R, int(rank_fraction * budget) // c)
+    k = min(K, budget - r * c)
+    if k == K:
+        r = min(R, r + (budget - r * c - K) // c)
+        k = min(K, budget - r * c)
+    return r, k
+
+
+def uniform(pools: list[MatrixPool], density: float, rank_fraction: float = 0.5, **_) -> Allocation:
+    """Same density in every matrix; each matrix keeps its top components and largest entries."""
+    budget_for(pools, density)
+    rank_keep, sparse_keep = {}, {}
+    for p in pools:
+        r, k = _split_matrix_budget(p, int(density * p.dense), rank_fraction)
+        rank_keep[p.name] = _prefix_mask(p.sigma.numel(), r)
+        sparse_keep[p.name] = _prefix_mask(p.s_abs.numel(), k)
+    return Allocation(rank_keep, sparse_keep)
+
+
+def _global_top(values: list[torch.Tensor], costs: list[int], budget: int) -> list[int]:
+    """How many of each (descending) list to keep when all are ranked by value together
+    and taken in order while the running cost stays within budget."""
+    flat = torch.cat(values)
+    cost = torch.cat([torch.full((v.numel(),), c, dtype=torch.int64) for v, c in zip(values, costs)])
+    owner = torch.cat([torch.full((v.numel(),), i, dtype=torch.int64) for i, v in enumerate(values)])
+    order = torch.sort(flat, descending=True, stable=True).indices
+    within = torch.cumsum(cost[order], 0) <= budget
+    return torch.bincount(owner[order][within], minlength=len(values)).tolist()
+
+
+def rpca_threshold(pools: list[MatrixPool], density: float, rank_fraction: float = 0.5, **_) -> Allocation:
+    """One global threshold on sigma and one on |S| across all layers: Stage 1 alone, no learning."""
+    budget = budget_for(pools, density)
+    ranks = _global_top([p.sigma for p in pools], [p.rank_cost for p in pools], int(rank_fraction * budget))
+    spent = sum(r * p.rank_cost for r, p in zip(ranks, pools))
+    nnzs = _global_top([p.s_abs for p in pools], [1] * len(pools), budget - spent)
+    return Allocation(
+        {p.name: _prefix_mask(p.sigma.numel(), r) for p, r in zip(pools, ranks)},
+        {p.name: _prefix_mask(p.s_abs.numel(), k) for p, k in zip(pools, nnzs)},
+    )
+
+
+def summarize(pools: list[MatrixPool], alloc: Allocation, density: float) -> dict:
+    dense = sum(p.dense for p in pools)
+    kept = alloc.params_kept(pools)
+    per_matrix = {
+        p.name: {
+            "layer": p.layer,
+            "matrix": p.short,
+            "shape": list(p.shape),
+            "rank": int(alloc.rank_keep[p.name].sum()),
+            "rank_available": p.sigma.numel(),
+            "nnz": int(alloc.sparse_keep[p.name].sum()),
+            "nnz_available": p.s_abs.numel(),
+        }
+        for p in pools
+    }
+    return {
+        "target_density": density,
+        "achieved_density": kept / dense,
+        "params_kept": kept,
+        "params_dense": dense,
+        "sparse_index_entries": sum(m["nnz"] for m in per_matrix.values()),
+        "matrices": per_matrix,
+    }
+
+
+def save(alloc: Allocation, info: dict, json_path: str | Path, masks_path: str | Path) -> None:
+    tensors = {f"{n}.rank_keep": m.contiguous() for n, m in alloc.rank_keep.items()}
+    tensors |= {f"{n}.sparse_keep": m.contiguous() for n, m in alloc.sparse_keep.items()}
+    with cas.atomic_path(masks_path) as tmp:
+        save_file(tensors, str(tmp))
+    cas.write_json_atomic(json_path, info)
+
+
+def load_masks(masks_path: str | Path) -> Allocation:
+    rank_keep, sparse_keep = {}, {}
+    with safe_open(str(masks_path), framework="pt") as f:
+        for key in f.keys():
+            name, kind = key.rsplit(".", 1)
+            (rank_keep if kind == "rank_keep" else sparse_keep)[name] = f.get_tensor(key)
+    return Allocation(rank_keep, sparse_keep)

@@ -1,0 +1,139 @@
+"""`glrs <subcommand>`: the entry points the Snakemake rules call, and a few for people."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import GlrsError
+
+
+def _json(text: str) -> dict:
+    return json.loads(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="glrs", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare-model", help="convert a model spec into a safetensors checkpoint")
+    s.add_argument("--spec", required=True)
+    s.add_argument("--dtype", default="float32")
+    s.add_argument("--revision", default="main")
+    s.add_argument("--out", required=True)
+
+    s = sub.add_parser("decompose", help="Stage 1: RPCA of one layer")
+    s.add_argument("--model-dir", required=True)
+    s.add_argument("--layer", type=int, required=True)
+    s.add_argument("--params", type=_json, required=True)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", required=True)
+
+    s = sub.add_parser("calibrate", help="draw calibration token windows")
+    s.add_argument("--model-dir", required=True)
+    s.add_argument("--params", type=_json, required=True)
+    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--out", required=True)
+
+    s = sub.add_parser("allocate", help="Stage 2: choose kept components and entries under the budget")
+    s.add_argument("--rpca", nargs="+", required=True)
+    s.add_argument("--allocator", required=True)
+    s.add_argument("--density", type=float, required=True)
+    s.add_argument("--params", type=_json, default={})
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--model-dir")
+    s.add_argument("--calib")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json-out", required=True)
+    s.add_argument("--masks-out", required=True)
+
+    s = sub.add_parser("materialize", help="write the factored and the dense compressed model")
+    s.add_argument("--model-dir", required=True)
+    s.add_argument("--rpca", nargs="+", required=True)
+    s.add_argument("--masks", required=True)
+    s.add_argument("--alloc-json", required=True)
+    s.add_argument("--run-info", type=_json, default={})
+    s.add_argument("--out", required=True)
+
+    s = sub.add_parser("evaluate-ppl", help="perplexity of a model directory")
+    s.add_argument("--model", required=True)
+    s.add_argument("--info", help="info.json of a compressed model")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--seqlen", type=int, default=2048)
+    s.add_argument("--max-tokens", type=int)
+    s.add_argument("--dtype", default="float32")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", required=True)
+
+    s = sub.add_parser("summarize", help="gather every metrics file under the results tree into summary.csv")
+    s.add_argument("--results", default="results")
+    s.add_argument("--out", required=True)
+
+    s = sub.add_parser("summary", help="print summary.csv as a table")
+    s.add_argument("csv", nargs="?", default="results/summary.csv")
+
+    s = sub.add_parser("plot-allocation", help="heat maps of kept rank and kept sparse entries per layer x matrix")
+    s.add_argument("--alloc-json", nargs="+", required=True)
+    s.add_argument("--out", required=True)
+
+    s = sub.add_parser("plot-spectra", help="singular values of W versus L for a few layers")
+    s.add_argument("--model-dir", required=True)
+    s.add_argument("--rpca", nargs="+", required=True)
+    s.add_argument("--out", required=True)
+    return p
+
+
+def run(args: argparse.Namespace) -> None:
+    from . import pipeline
+
+    c = args.command
+    if c == "prepare-model":
+        from .modelio import prepare_model
+
+        prepare_model(args.spec, args.out, args.dtype, args.revision)
+    elif c == "decompose":
+        meta = pipeline.decompose_layer(args.model_dir, args.layer, args.params, args.out, args.device)
+        for short, m in meta["matrices"].items():
+            print(f"layer {args.layer} {short}: rank {m['rank']}, nnz {m['nnz']}, {m['iterations']} it, residual {m['residual']:.2e}")
+    elif c == "calibrate":
+        pipeline.calibrate(args.model_dir, args.params, args.seed, args.out)
+    elif c == "allocate":
+        info = pipeline.run_allocator(args.rpca, args.allocator, args.density, args.params, args.seed, args.model_dir,
+                                      args.calib, args.json_out, args.masks_out, args.device)
+        print(f"{args.allocator}: target density {info['target_density']}, achieved {info['achieved_density']:.5f}")
+    elif c == "materialize":
+        pipeline.materialize(args.model_dir, args.rpca, args.masks, args.alloc_json, args.run_info, args.out)
+    elif c == "evaluate-ppl":
+        rec = pipeline.evaluate_ppl(args.model, args.info, args.dataset, args.seqlen, args.max_tokens, args.dtype,
+                                    args.out, args.device)
+        print(f"ppl[{args.dataset}] = {rec['ppl']:.4f} over {rec['tokens']} tokens")
+    elif c == "summarize":
+        from .summary import write_summary
+
+        write_summary(args.results, args.out)
+    elif c == "summary":
+        from .summary import print_summary
+
+        print_summary(args.csv)
+    elif c == "plot-allocation":
+        from .plots import plot_allocation
+
+        plot_allocation(args.alloc_json, args.out)
+    elif c == "plot-spectra":
+        from .plots import plot_spectra
+
+        plot_spectra(args.model_dir, args.rpca, args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except GlrsError as e:
+        print(f"glrs {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Configuration checking against config/schema.yaml, with messages a user can act on."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from .errors import GlrsError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = REPO_ROOT / "config" / "schema.yaml"
+DEFAULT_CONFIG = REPO_ROOT / "config" / "config.yaml"
+
+
+def _allowed(schema: dict) -> str:
+    if "enum" in schema:
+        return "one of " + ", ".join(map(str, schema["enum"]))
+    if "const" in schema:
+        return repr(schema["const"])
+    if "oneOf" in schema:
+        return " or ".join(_allowed(s) for s in schema["oneOf"])
+    bits = [str(schema.get("type", "value"))]
+    if "exclusiveMinimum" in schema:
+        bits.append(f"> {schema['exclusiveMinimum']}")
+    if "minimum" in schema:
+        bits.append(f">= {schema['minimum']}")
+    if "maximum" in schema:
+        bits.append(f"<= {schema['maximum']}")
+    if "pattern" in schema:
+        bits.append(f"matching {schema['pattern']}")
+    if "items" in schema:
+        bits.append("of " + _allowed(schema["items"]))
+    return " ".join(bits)
+
+
+def validate(config: dict, schema_path: Path = SCHEMA) -> dict:
+    """Raise GlrsError naming the offending key and the allowed values."""
+    schema = yaml.safe_load(schema_path.read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if not errors:
+        return config
+    lines = []
+    for e in errors:
+        key = ".".join(map(str, e.absolute_path)) or "(top level)"
+        if e.validator == "additionalProperties":
+            allowed = ", ".join(sorted(e.schema.get("properties", {})))
+            lines.append(f"config key {key}: {e.message}; allowed keys: {allowed}")
+        elif e.validator == "required":
+            lines.append(f"config key {key}: {e.message}")
+        else:
+            lines.append(f"config key {key}: value {e.instance!r} is not allowed; allowed: {_allowed(e.schema)}")
+    raise GlrsError("invalid configuration:\n  " + "\n  ".join(lines))
+
+
+def load(path: Path = DEFAULT_CONFIG) -> dict:
+    return validate(yaml.safe_load(Path(path).read_text()))

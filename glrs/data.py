@@ -1,0 +1,125 @@
+"""Calibration and evaluation text, offline and online, never random tokens.
+
+A dataset spec names where text comes from:
+  pydoc        CPython's pydoc_data.topics (ships with every Python; PSF licence)
+  python-docs  Debian's python3.X-doc reST sources (apt install python3.11-doc)
+  file:PATH    any local UTF-8 text file (split into paragraphs)
+  wikitext2    wikitext-2-raw-v1 through `datasets` (needs the hub)
+  c4           allenai/c4, first English shard, through `datasets` (needs the hub)
+
+Offline sources are lists of documents split deterministically into a
+calibration half and an evaluation half by a hash of each document's name, so
+the two never overlap. Online sources use the datasets' own splits.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import GlrsError
+
+DATA_VERSION = 1
+OFFLINE = ("pydoc", "python-docs")
+ONLINE = ("wikitext2", "c4")
+SPLIT_RULE = "document goes to evaluation iff int(sha256(name)[:8], 16) % 2 == 0"
+
+
+@dataclass(frozen=True)
+class Text:
+    dataset: str  # the spec that produced it
+    split: str  # "calibration" | "evaluation" (offline) or the dataset's split name
+    text: str
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+def _is_eval_doc(name: str) -> bool:
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) % 2 == 0
+
+
+def _offline_documents(spec: str) -> dict[str, str]:
+    if spec == "pydoc":
+        from pydoc_data.topics import topics
+
+        return dict(topics)
+    if spec == "python-docs":
+        files = sorted(glob.glob("/usr/share/doc/python3*/html/_sources/**/*.txt", recursive=True))
+        if not files:
+            raise GlrsError("dataset 'python-docs' needs Debian's Python documentation: apt install python3.11-doc")
+        return {os.path.relpath(f, "/usr/share/doc"): open(f, encoding="utf-8").read() for f in files}
+    if spec.startswith("file:"):
+        path = spec[5:]
+        if not os.path.isfile(path):
+            raise GlrsError(f"dataset {spec!r}: no such file; give file:/path/to/text.txt")
+        paragraphs = [p for p in open(path, encoding="utf-8").read().split("\n\n") if p.strip()]
+        return {f"{i:08d}:{p[:64]}": p for i, p in enumerate(paragraphs)}
+    raise GlrsError(f"unknown dataset {spec!r}; use one of {', '.join(OFFLINE + ONLINE)} or file:PATH")
+
+
+def _online_text(spec: str, role: str) -> Text:
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - datasets is a dependency
+        raise GlrsError("online datasets need the `datasets` package: pip install datasets") from e
+    try:
+        if spec == "wikitext2":
+            split = "test" if role == "evaluation" else "train"
+            rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+            return Text(spec, split, "\n\n".join(rows))
+        # C4: the first shard of the English training set, as Wanda and SparseGPT calibrate.
+        shard = "en/c4-train.00000-of-01024.json.gz" if role == "calibration" else "en/c4-validation.00000-of-00008.json.gz"
+        rows = datasets.load_dataset("allenai/c4", data_files={"x": shard}, split="x")["text"]
+        return Text(spec, shard, "\n\n".join(rows))
+    except Exception as e:
+        raise GlrsError(
+            f"dataset {spec!r} could not be loaded from the hub ({type(e).__name__}: {e}); "
+            "offline, use dataset 'pydoc' (ships with Python) or file:PATH"
+        ) from e
+
+
+def load_text(spec: str, role: str) -> Text:
+    """The text of one role ('calibration' or 'evaluation') of a dataset spec."""
+    if role not in ("calibration", "evaluation"):
+        raise ValueError(role)
+    if spec in ONLINE:
+        return _online_text(spec, role)
+    docs = _offline_documents(spec)
+    want_eval = role == "evaluation"
+    chosen = [docs[name] for name in sorted(docs) if _is_eval_doc(name) == want_eval]
+    if not chosen:
+        raise GlrsError(f"dataset {spec!r} has no documents for {role}; give a larger text")
+    return Text(spec, role, "\n\n".join(chosen))
+
+
+def tokenize(tokenizer, text: Text) -> torch.Tensor:
+    """One token stream [1, N] for the whole text, tokenised once (the standard protocol)."""
+    return tokenizer(text.text, return_tensors="pt").input_ids
+
+
+def calibration_samples(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`nsamples` windows of `seqlen` tokens at seeded random offsets of the stream.
+
+    Wanda/SparseGPT draw random windows from random C4 documents; here the
+    calibration text is one stream, so windows are drawn from it directly."""
+    n = ids.shape[1]
+    if n <= seqlen:
+        raise GlrsError(
+            f"calibration text has {n} tokens, fewer than one window of {seqlen}; lower calibration.seqlen or use a larger dataset"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, n - seqlen, (nsamples,), generator=gen)
+    return torch.stack([ids[0, s : s + seqlen] for s in starts.tolist()])
+
+
+def text_identity(spec: str, role: str) -> str:
+    """What the content key of text-derived outputs hashes: the text itself when it is
+    local (cheap, and exact across Python versions), the dataset's name when it is on the hub."""
+    if spec in ONLINE:
+        return f"{spec}:{role}"
+    return load_text(spec, role).fingerprint

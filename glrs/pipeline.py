@@ -1,0 +1,185 @@
+"""The pipeline's stages as plain functions: what each Snakemake rule runs through the CLI.
+
+Each stage reads its inputs from paths, writes its outputs atomically, and
+records in its outputs only what is deterministic (no timings, no host names),
+so the same inputs give bit-identical files.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import allocate, cas, compressed, data, modelio, rpca
+from .errors import GlrsError
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise GlrsError("device 'cuda' was asked for but torch sees no GPU; set device: auto or cpu")
+    return device
+
+
+# ---- Stage 1 ---------------------------------------------------------------------------------
+
+def decompose_layer(model_dir: str, layer: int, params: dict, out: str, device: str = "auto") -> dict:
+    """RPCA of the seven target matrices of one layer; reads only that layer from disk."""
+    device = resolve_device(device)
+    weights = modelio.read_layer(model_dir, layer)
+    tensors, matrices = {}, {}
+    for short, W in weights.items():
+        lam = params["lambda_scale"] * rpca.default_lambda(tuple(W.shape))
+        res = rpca.rpca(
+            W, lam=lam, tol=params["tol"], max_iter=params["max_iter"], rho=params["rho"],
+            mu_factor=params["mu_factor"], dtype=getattr(torch, params["dtype"]), device=device,
+        )
+        values, index = rpca.sort_sparse(res.S)
+        store = W.dtype
+        tensors[f"{short}.U"] = res.U.to("cpu", store).contiguous()
+        tensors[f"{short}.sigma"] = res.sigma.to("cpu", store).contiguous()
+        tensors[f"{short}.V"] = res.V.to("cpu", store).contiguous()
+        tensors[f"{short}.S_values"] = values.to("cpu", store).contiguous()
+        tensors[f"{short}.S_index"] = index.to("cpu", torch.int64).contiguous()
+        matrices[short] = {
+            "name": modelio.weight_name(layer, short),
+            "shape": list(W.shape),
+            "lambda": lam,
+            "iterations": res.iterations,
+            "residual": res.residual,
+            "converged": res.converged,
+            "rank": int(res.sigma.numel()),
+            "nnz": int(values.numel()),
+        }
+    meta = {"layer": layer, "matrices": matrices, "params": params}
+    with cas.atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata={"glrs": cas.canonical_json(meta)})
+    return meta
+
+
+def read_rpca_layer(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["glrs"])
+            return meta, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise GlrsError(f"cannot read RPCA factors {path}: {e}; delete the file and rerun its decompose job") from e
+
+
+# ---- Calibration ------------------------------------------------------------------------------
+
+def calibrate(model_dir: str, params: dict, seed: int, out: str) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    text = data.load_text(params["dataset"], "calibration")
+    ids = data.calibration_samples(data.tokenize(tokenizer, text), params["nsamples"], params["seqlen"], seed)
+    meta = {"dataset": text.dataset, "split": text.split, "text_sha256": text.fingerprint, "seed": seed, **params}
+    with cas.atomic_path(out) as tmp:
+        save_file({"input_ids": ids.contiguous()}, str(tmp), metadata={"glrs": cas.canonical_json(meta)})
+    return meta
+
+
+def load_calibration(path: str | Path) -> torch.Tensor:
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("input_ids")
+
+
+# ---- Stage 2 ----------------------------------------------------------------------------------
+
+def run_allocator(rpca_files: list[str], allocator: str, density: float, params: dict, seed: int,
+                  model_dir: str | None, calib_file: str | None, json_out: str, masks_out: str,
+                  device: str = "auto") -> dict:
+    pools = allocate.load_pools(rpca_files)
+    if allocator == "uniform":
+        alloc = allocate.uniform(pools, density, **params)
+    elif allocator == "rpca-threshold":
+        alloc = allocate.rpca_threshold(pools, density, **params)
+    elif allocator in allocate.NEEDS_CALIBRATION:
+        from . import cap
+
+        alloc = cap.allocate(pools, density, params, seed, model_dir, rpca_files, load_calibration(calib_file),
+                             space=allocator, device=resolve_device(device))
+    else:
+        raise GlrsError(f"unknown allocator {allocator!r}; use one of {', '.join(allocate.ALLOCATORS)}")
+    info = allocate.summarize(pools, alloc, density)
+    info |= {"allocator": allocator, "allocator_params": params, "seed": seed}
+    allocate.save(alloc, info, json_out, masks_out)
+    return info
+
+
+# ---- Materialise --------------------------------------------------------------------------------
+
+def kept_factors(layer_tensors: dict[str, torch.Tensor], short: str, rank_keep: torch.Tensor,
+                 sparse_keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    idx = layer_tensors[f"{short}.S_index"][sparse_keep]
+    order = torch.argsort(idx)
+    return {
+        "U": layer_tensors[f"{short}.U"][:, rank_keep],
+        "sigma": layer_tensors[f"{short}.sigma"][rank_keep],
+        "V": layer_tensors[f"{short}.V"][:, rank_keep],
+        "S_index": idx[order],
+        "S_values": layer_tensors[f"{short}.S_values"][sparse_keep][order],
+    }
+
+
+def materialize(model_dir: str, rpca_files: list[str], masks_file: str, alloc_json: str, run_info: dict, out: str) -> dict:
+    """Factored checkpoint + dense Hugging Face export of the compressed model."""
+    masks = allocate.load_masks(masks_file)
+    alloc_info = json.loads(Path(alloc_json).read_text())
+    factors, dense_weights, shapes = {}, {}, {}
+    for path in rpca_files:
+        meta, tensors = read_rpca_layer(path)
+        for short, m in meta["matrices"].items():
+            name = m["name"]
+            parts = kept_factors(tensors, short, masks.rank_keep[name], masks.sparse_keep[name])
+            factors[name] = parts
+            shapes[name] = m["shape"]
+            dense_weights[name] = compressed.compose(**parts, shape=tuple(m["shape"]))
+    manifest = modelio.read_manifest(model_dir)
+    info = {
+        **run_info,
+        "model": manifest["spec"],
+        "model_fp": manifest["fingerprint"],
+        "target_density": alloc_info["target_density"],
+        "achieved_density": alloc_info["achieved_density"],
+        "params_kept": compressed.factored_parameter_count(factors),
+        "params_dense": alloc_info["params_dense"],
+        "shapes": shapes,
+    }
+    with cas.atomic_dir(out) as tmp:
+        compressed.save_factored(factors, tmp / compressed.FACTORED, info)
+        compressed.write_dense_export(Path(model_dir), dense_weights, tmp / compressed.DENSE_DIR)
+        cas.write_json_atomic(tmp / "info.json", {k: v for k, v in info.items() if k != "shapes"})
+    return info
+
+
+def dense_run_info(model_dir: str) -> dict:
+    """The uncompressed model as a row of the summary: method 'dense', density 1."""
+    manifest = modelio.read_manifest(model_dir)
+    targets = sum(m * n for m, n in manifest["targets"].values()) * manifest["num_layers"]
+    return {"method": "dense", "allocator": "", "model": manifest["spec"], "model_fp": manifest["fingerprint"],
+            "target_density": 1.0, "achieved_density": 1.0, "params_kept": targets, "params_dense": targets}
+
+
+# ---- Evaluation ---------------------------------------------------------------------------------
+
+def evaluate_ppl(model_path: str, info_file: str | None, dataset: str, seqlen: int, max_tokens: int | None,
+                 dtype: str, out: str, device: str = "auto") -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import evaluate
+
+    device = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    text = data.load_text(dataset, "evaluation")
+    result = evaluate.perplexity(model, data.tokenize(tokenizer, text), seqlen, max_tokens, device)
+    run = json.loads(Path(info_file).read_text()) if info_file else dense_run_info(model_path)
+    record = {**run, "dataset": dataset, "split": text.split, "text_sha256": text.fingerprint, **result}
+    cas.write_json_atomic(out, record)
+    return record

@@ -1,0 +1,138 @@
+"""The whole run, planned from the config before anything executes: every job's key and path.
+
+Keys chain (DESIGN.md section 4): the model key comes from the source's content
+hash; each later key hashes its input keys, its own parameters and its stage's
+code version. So changing target_density changes only allocation keys and
+below, while the RPCA files (keyed by model + RPCA parameters) are found again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import allocate, cas, compressed, data, evaluate, modelio, rpca
+from .errors import GlrsError
+
+RESULTS = "results"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One compressed model: a method (and allocator) at a target density."""
+
+    method: str
+    allocator: str
+    density: float
+    alloc_key: str
+    comp_key: str
+    params: dict = field(hash=False, compare=False)
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}/{self.allocator}@{self.density}" if self.allocator else f"{self.method}@{self.density}"
+
+
+@dataclass
+class Plan:
+    config: dict
+    source: modelio.ModelSource
+    model_key: str
+    layers: list[int]
+    rpca_key: str
+    rpca_params: dict
+    calib_key: str
+    calib_params: dict
+    runs: list[Run]
+    eval_keys: dict[str, str]  # dataset -> key of the evaluation protocol + text
+
+    # ---- paths (relative to the working directory) ----
+    @property
+    def model_dir(self) -> str:
+        return f"{RESULTS}/model/{self.model_key}"
+
+    def rpca_file(self, layer: int) -> str:
+        return f"{RESULTS}/rpca/{self.model_key}/{self.rpca_key}/layer_{layer}.safetensors"
+
+    @property
+    def rpca_files(self) -> list[str]:
+        return [self.rpca_file(i) for i in self.layers]
+
+    @property
+    def calib_file(self) -> str:
+        return f"{RESULTS}/calib/{self.model_key}/{self.calib_key}.safetensors"
+
+    @staticmethod
+    def alloc_json(run: Run) -> str:
+        return f"{RESULTS}/alloc/{run.alloc_key}.json"
+
+    @staticmethod
+    def alloc_masks(run: Run) -> str:
+        return f"{RESULTS}/alloc/{run.alloc_key}.safetensors"
+
+    @staticmethod
+    def compressed_dir(run: Run) -> str:
+        return f"{RESULTS}/compressed/{run.comp_key}"
+
+    def metrics_file(self, target: str, dataset: str) -> str:
+        """target: 'dense-<model_key>' or a compressed key."""
+        safe = dataset.replace(":", "_").replace("/", "_")
+        return f"{RESULTS}/metrics/{target}/ppl-{safe}-{self.eval_keys[dataset]}.json"
+
+    @property
+    def dense_target(self) -> str:
+        return f"dense-{self.model_key}"
+
+    def all_metrics(self) -> list[str]:
+        targets = [self.dense_target] + [r.comp_key for r in self.runs]
+        return [self.metrics_file(t, d) for t in targets for d in self.config["evaluation"]["datasets"]]
+
+    def run_by_comp_key(self, comp_key: str) -> Run:
+        return next(r for r in self.runs if r.comp_key == comp_key)
+
+    def run_by_alloc_key(self, alloc_key: str) -> Run:
+        return next(r for r in self.runs if r.alloc_key == alloc_key)
+
+
+def _layers(config: dict, num_layers: int) -> list[int]:
+    if config["layers"] == "all":
+        return list(range(num_layers))
+    bad = [i for i in config["layers"] if i >= num_layers]
+    if bad:
+        raise GlrsError(f"config key layers: {bad} out of range; the model has {num_layers} layers (0..{num_layers - 1})")
+    return sorted(config["layers"])
+
+
+def make_plan(config: dict) -> Plan:
+    source = modelio.resolve_source(config["model"], config.get("model_revision", "main"))
+    model_key = cas.key_of("model", modelio.PREPARE_VERSION, {"source": source.key}, {"dtype": config["dtype"]})
+    layers = _layers(config, source.num_layers)
+    rpca_params = {"lambda_scale": 1.0, "tol": 1e-7, "max_iter": 500, "rho": 1.5, "mu_factor": 1.25, "dtype": "float64"}
+    rpca_params |= config.get("rpca", {})
+    rpca_key = cas.key_of("rpca", rpca.RPCA_VERSION, {"model": model_key}, rpca_params)
+
+    calib_params = dict(config["calibration"])
+    calib_text = data.text_identity(calib_params["dataset"], "calibration")
+    calib_key = cas.key_of("calib", data.DATA_VERSION, {"model": model_key, "text": calib_text},
+                           calib_params | {"seed": config["seed"], "split": data.SPLIT_RULE})
+
+    runs = []
+    for method in config["methods"]:
+        if method != "cap":
+            raise GlrsError(f"config key methods: unknown method {method!r}")
+        for allocator in config["allocators"]:
+            params = dict(config.get("allocator_params", {}).get(allocator, {}))
+            inputs = {"rpca": rpca_key, "layers": ",".join(map(str, layers))}
+            if allocator in allocate.NEEDS_CALIBRATION:
+                inputs["calib"] = calib_key
+            for density in config["target_density"]:
+                alloc_key = cas.key_of("alloc", allocate.ALLOC_VERSION, inputs,
+                                       {"allocator": allocator, "density": density, "params": params, "seed": config["seed"]})
+                comp_key = cas.key_of("materialize", compressed.MATERIALIZE_VERSION, {"model": model_key, "alloc": alloc_key}, {})
+                runs.append(Run(method, allocator, density, alloc_key, comp_key, params))
+
+    ev = config["evaluation"]
+    eval_keys = {
+        ds: cas.key_of("ppl", evaluate.EVAL_VERSION, {"text": data.text_identity(ds, "evaluation")},
+                       {"seqlen": ev["seqlen"], "max_tokens": ev.get("max_tokens"), "dtype": config["dtype"]})
+        for ds in ev["datasets"]
+    }
+    return Plan(config, source, model_key, layers, rpca_key, rpca_params, calib_key, calib_params, runs, eval_keys)
