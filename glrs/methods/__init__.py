@@ -1,0 +1,67 @@
+"""Compression methods behind one interface (glrs.methods.base.Method).
+
+`get_method(name)` returns an object with `.name` and
+`.compress(model, calib_ids, density, params, seed, device) -> MethodOutput`.
+Modules are imported on first use, so importing glrs.methods is cheap and a
+broken optional method does not break the others.
+
+Registry: method name -> (module, attribute). Each module exposes its method
+objects as module-level attributes.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+
+from ..errors import GlrsError
+from .base import LayerStats, Method, MethodOutput, collect_stats, sequential_layers
+
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "magnitude": ("magnitude", "MAGNITUDE"),
+    "wanda": ("wanda", "WANDA"),
+    "sparsegpt": ("sparsegpt", "SPARSEGPT"),
+    "svd": ("svd", "SVD"),
+    "asvd": ("svd", "ASVD"),
+    "svdllm": ("svd", "SVDLLM"),
+    "oats": ("oats", "OATS"),
+    "bolaco": ("bolaco", "BOLACO"),
+    "sslc": ("sslc", "SSLC"),
+}
+
+
+class _LazyMethods(Mapping):
+    """name -> Method, importing each method's module when it is first looked up."""
+
+    def __init__(self, registry: dict[str, tuple[str, str]]):
+        self._registry = registry
+        self._loaded: dict[str, Method] = {}
+
+    def __getitem__(self, name: str) -> Method:
+        if name not in self._registry:
+            raise KeyError(name)
+        if name not in self._loaded:
+            module_name, attr = self._registry[name]
+            module = importlib.import_module(f"{__name__}.{module_name}")
+            self._loaded[name] = getattr(module, attr)
+        return self._loaded[name]
+
+    def __iter__(self):
+        return iter(self._registry)
+
+    def __len__(self) -> int:
+        return len(self._registry)
+
+
+METHODS: Mapping[str, Method] = _LazyMethods(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    if name not in _REGISTRY:
+        raise GlrsError(f"unknown compression method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
+    try:
+        return METHODS[name]
+    except (ImportError, AttributeError) as e:
+        raise GlrsError(f"compression method {name!r} is registered but cannot be loaded: {e}") from e
+
+
+__all__ = ["METHODS", "get_method", "LayerStats", "Method", "MethodOutput", "collect_stats", "sequential_layers"]

@@ -1,0 +1,483 @@
+"""The interface every compression method implements, and the machinery they share.
+
+* `LayerStats`: second-order and mean-magnitude statistics of the input of one
+  target linear over all calibration tokens.
+* `MethodOutput`: what a method returns (dense compressed matrices, kept
+  parameters per matrix counted as DESIGN.md section 7 says, JSON-able details).
+* `sequential_layers`: layer-sequential calibration as in the SparseGPT and
+  Wanda reference code: the calibration batch goes through the embeddings once;
+  then decoder layer i is run on the current hidden states with forward hooks
+  on its target linears, the method compresses it, and the outputs of the
+  *compressed* layer i are the inputs of layer i+1. Only one layer's
+  activations (two buffers of [nsamples, seqlen, hidden]) are held.
+* `collect_stats`: the same pass without compression, statistics of the dense
+  model for every target matrix (for methods that allocate globally).
+* Budget helpers shared by the methods: exact per-matrix counts, per-row top-k
+  masks whose total is exact, N:M masks, and rank allocation for low-rank
+  methods that keeps the overall density within rounding of one rank unit.
+
+Kept parameters (DESIGN.md section 7): unstructured / N:M = nnz, a low-rank
+factorisation = r*(m+n), sparse + low-rank = r*(m+n) + nnz. Index overhead is
+not counted.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+import torch
+from torch import nn
+
+from ..errors import GlrsError
+from ..modelio import TARGETS, weight_name
+
+SHORTS = tuple(TARGETS)
+# Groups of targets whose inputs are produced one after the other inside a decoder
+# layer ("true sequential" order of the SparseGPT reference code).
+TRUE_SEQUENTIAL_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+DENSITY_TOLERANCE = 1e-3  # 0.1 percentage points, overall
+
+
+@dataclass
+class LayerStats:
+    """Statistics of the INPUT x (dimension n) of one target linear over all calibration tokens."""
+
+    H: torch.Tensor  # [n, n] float64: sum over tokens of x x^T
+    abs_mean: torch.Tensor  # [n] float64: mean over tokens of |x_j|
+    tokens: int  # number of tokens summed
+
+    @property
+    def sq_norm(self) -> torch.Tensor:
+        """[n] ||X_j||_2^2 = diag(H)."""
+        return torch.diagonal(self.H).clone()
+
+    @property
+    def col_norm(self) -> torch.Tensor:
+        """[n] ||X_j||_2."""
+        return self.sq_norm.clamp_min(0).sqrt()
+
+    def to(self, device) -> "LayerStats":
+        return LayerStats(self.H.to(device), self.abs_mean.to(device), self.tokens)
+
+
+@dataclass
+class MethodOutput:
+    weights: dict[str, torch.Tensor]  # HF weight name -> compressed dense matrix, same shape/dtype as the original
+    params_kept: dict[str, int]  # weight name -> kept parameters (DESIGN.md section 7)
+    details: dict = field(default_factory=dict)  # JSON-able per-method information
+
+    def achieved_density(self, model) -> float:
+        dense = sum(target_shapes(model)[n][0] * target_shapes(model)[n][1] for n in self.params_kept)
+        return sum(self.params_kept.values()) / dense
+
+
+class Method(Protocol):
+    name: str
+
+    def compress(self, model, calib_ids: torch.Tensor, density: float, params: dict, seed: int,
+                 device: str) -> MethodOutput: ...
+
+
+CompressLayer = Callable[[int, nn.Module, dict[str, LayerStats]], dict[str, torch.Tensor]]
+
+
+# ---- model structure -------------------------------------------------------------------------
+
+def decoder_layers(model) -> nn.ModuleList:
+    try:
+        return model.model.layers
+    except AttributeError as e:
+        raise GlrsError("the model has no model.layers: glrs methods need a Llama-style decoder "
+                        "(LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, ...)") from e
+
+
+def target_modules(layer: nn.Module) -> dict[str, nn.Linear]:
+    return {short: layer.get_submodule(path) for short, path in TARGETS.items()}
+
+
+def target_shapes(model) -> dict[str, tuple[int, int]]:
+    """HF weight name -> (m, n) of every target matrix of every layer, in layer order."""
+    out = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        for short, mod in target_modules(layer).items():
+            out[weight_name(i, short)] = tuple(mod.weight.shape)
+    return out
+
+
+def check_density(density: float) -> float:
+    density = float(density)
+    if not 0.0 < density <= 1.0:
+        raise GlrsError(f"target density {density} is outside (0, 1]; give the kept fraction of parameters, e.g. 0.5")
+    return density
+
+
+# ---- layer-sequential calibration --------------------------------------------------------------
+
+class _Stop(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for a decoder layer: records the keyword arguments the model passes to it."""
+
+    def __init__(self, layer: nn.Module, index: int, sink: dict, stop_at: int):
+        super().__init__()
+        self.index, self.sink, self.stop_at = index, sink, stop_at
+        if hasattr(layer, "attention_type"):  # Qwen2/Mistral-style models pick the mask by layer type
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise GlrsError("the decoder layer was called with positional arguments besides hidden_states; "
+                            "this transformers version is not supported by glrs.methods.sequential_layers")
+        self.sink.setdefault("kwargs", {})[self.index] = kwargs
+        if self.index == 0:
+            self.sink["hidden"] = hidden_states
+        if self.index == self.stop_at:
+            raise _Stop
+        return hidden_states
+
+
+def _move(module: nn.Module | None, device) -> None:
+    if module is not None:
+        module.to(device)
+
+
+def _capture(model, calib_ids: torch.Tensor, device: str, batch_size: int):
+    """Layer-0 inputs for all samples, and the per-layer kwargs for a batch of one sample.
+
+    The kwargs (rotary position embeddings, causal mask, position ids) are
+    captured once with batch size 1: every calibration sample has the same
+    length and no padding, and their leading dimension 1 broadcasts over any
+    batch. Each layer gets the kwargs the model passes to *it*, so models that
+    mix sliding-window and full attention layers are handled.
+    """
+    inner = model.model
+    layers = decoder_layers(model)
+    originals = list(layers)
+    nsamples, seqlen = calib_ids.shape
+    sink: dict = {}
+    hidden_size = model.config.hidden_size
+    dtype = next(model.parameters()).dtype
+    emb_device = inner.embed_tokens.weight.device
+    _move(inner.embed_tokens, device)
+    _move(getattr(inner, "rotary_emb", None), device)
+    try:
+        # pass 1: kwargs of every layer (catchers pass hidden states through, the last one stops)
+        inner.layers = nn.ModuleList(_Catcher(l, i, sink, len(originals) - 1) for i, l in enumerate(originals))
+        with torch.no_grad():
+            try:
+                inner(input_ids=calib_ids[:1].to(device), use_cache=False)
+            except _Stop:
+                pass
+        kwargs = [sink["kwargs"][i] for i in range(len(originals))]
+        # pass 2: layer-0 inputs of all samples (the first catcher stops)
+        inner.layers = nn.ModuleList([_Catcher(originals[0], 0, sink, 0)])
+        hidden = torch.empty(nsamples, seqlen, hidden_size, dtype=dtype, device=device)
+        with torch.no_grad():
+            for s in range(0, nsamples, batch_size):
+                try:
+                    inner(input_ids=calib_ids[s:s + batch_size].to(device), use_cache=False)
+                except _Stop:
+                    pass
+                hidden[s:s + batch_size] = sink["hidden"]
+    finally:
+        inner.layers = nn.ModuleList(originals)
+        _move(inner.embed_tokens, emb_device)
+        _move(getattr(inner, "rotary_emb", None), emb_device)
+    for kw in kwargs:
+        kw.pop("past_key_values", None)
+        kw.pop("past_key_value", None)
+        kw["use_cache"] = False
+    return hidden, kwargs
+
+
+def _layer_out(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _run_layer(layer, inps, outs, kw, batch_size, hooks: dict[str, nn.Linear] | None = None) -> dict[str, LayerStats]:
+    """outs <- layer(inps); with hooks, accumulate LayerStats of the named linears' inputs.
+
+    Linears that receive the very same input tensor (q, k, v; gate, up) share
+    one LayerStats object: it is computed once.
+    """
+    acc: dict[str, list] = {}
+    last = {"x": None, "acc": None}
+    handles = []
+
+    def make_hook(short):
+        def hook(module, args):
+            x = args[0]
+            if x is last["x"]:
+                acc[short] = last["acc"]
+                return
+            x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+            if short not in acc:
+                n = x2.shape[1]
+                acc[short] = [torch.zeros(n, n, dtype=torch.float64, device=x2.device),
+                              torch.zeros(n, dtype=torch.float64, device=x2.device), 0]
+            a = acc[short]
+            a[0].addmm_(x2.T, x2)
+            a[1].add_(x2.abs().sum(0))
+            a[2] += x2.shape[0]
+            last["x"], last["acc"] = x, a
+        return hook
+
+    for short, mod in (hooks or {}).items():
+        handles.append(mod.register_forward_pre_hook(make_hook(short)))
+    try:
+        with torch.no_grad():
+            for s in range(0, inps.shape[0], batch_size):
+                outs[s:s + batch_size] = _layer_out(layer(inps[s:s + batch_size], **kw))
+                last["x"] = last["acc"] = None
+    finally:
+        for h in handles:
+            h.remove()
+    stats, made = {}, {}
+    for short, a in acc.items():
+        key = id(a)
+        if key not in made:
+            made[key] = LayerStats(a[0], a[1] / max(a[2], 1), a[2])
+        stats[short] = made[key]
+    return stats
+
+
+def sequential_layers(model, calib_ids: torch.Tensor, device: str, compress_layer: CompressLayer, *,
+                      groups: Iterable[Iterable[str]] | None = None, propagate: str = "compressed",
+                      batch_size: int = 4) -> None:
+    """Layer-sequential calibration and compression, in place.
+
+    For each decoder layer i, for each group of targets (default: one group
+    with all seven, as the Wanda and SparseGPT reference code do; pass
+    `groups=TRUE_SEQUENTIAL_GROUPS` to compress q/k/v, then o, then gate/up,
+    then down, each with statistics taken after the previous groups were
+    compressed): run the layer on the current hidden states with hooks on the
+    group's linears, call `compress_layer(i, layer, stats)` and write the
+    returned weights (any subset of shorts) into the layer. Then the layer's
+    outputs are recomputed with the compressed weights and feed layer i+1.
+
+    `propagate="dense"` feeds layer i+1 the outputs of the *dense* layer i
+    instead (statistics of the dense model, as SVD-LLM and ASVD collect them);
+    it needs a single group. Layers are moved to `device` one at a time and
+    back to where they were. Statistics are on `device`.
+    """
+    if propagate not in ("compressed", "dense"):
+        raise ValueError(f"propagate must be 'compressed' or 'dense', not {propagate!r}")
+    groups = [list(g) for g in (groups or [SHORTS])]
+    if propagate == "dense" and len(groups) != 1:
+        raise ValueError("propagate='dense' needs a single group of targets")
+    if calib_ids.dim() != 2:
+        raise GlrsError(f"calibration ids must be [nsamples, seqlen], got shape {tuple(calib_ids.shape)}")
+    was_training = model.training
+    model.eval()
+    use_cache = getattr(model.config, "use_cache", None)
+    try:
+        inps, kwargs = _capture(model, calib_ids, device, batch_size)
+        outs = torch.empty_like(inps)
+        for i, layer in enumerate(decoder_layers(model)):
+            home = next(layer.parameters()).device
+            layer.to(device)
+            mods = target_modules(layer)
+            changed_after_pass = False
+            for group in groups:
+                stats = _run_layer(layer, inps, outs, kwargs[i], batch_size, {s: mods[s] for s in group})
+                changed_after_pass = False
+                new = compress_layer(i, layer, stats) or {}
+                for short, w in new.items():
+                    if short not in mods:
+                        raise KeyError(f"compress_layer returned unknown target {short!r}; known: {SHORTS}")
+                    target = mods[short].weight
+                    if tuple(w.shape) != tuple(target.shape):
+                        raise ValueError(f"layer {i} {short}: new weight has shape {tuple(w.shape)}, expected {tuple(target.shape)}")
+                    with torch.no_grad():
+                        target.copy_(w.to(target.device, target.dtype))
+                    changed_after_pass = True
+                del stats
+            if changed_after_pass and propagate == "compressed":
+                _run_layer(layer, inps, outs, kwargs[i], batch_size)
+            layer.to(home)
+            inps, outs = outs, inps
+    finally:
+        model.train(was_training)
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+
+
+def collect_stats(model, calib_ids: torch.Tensor, device: str, *, batch_size: int = 4,
+                  stats_device: str = "cpu") -> dict[str, LayerStats]:
+    """HF weight name -> LayerStats of the DENSE model (no compression), moved to `stats_device`.
+
+    Targets that share an input (q/k/v, gate/up) share one LayerStats object.
+    """
+    out: dict[str, LayerStats] = {}
+
+    def record(i, layer, stats):
+        moved = {}
+        for short, st in stats.items():
+            if id(st) not in moved:
+                moved[id(st)] = st.to(stats_device)
+            out[weight_name(i, short)] = moved[id(st)]
+        return {}
+
+    sequential_layers(model, calib_ids, device, record, propagate="dense", batch_size=batch_size)
+    return out
+
+
+# ---- budgets and masks ---------------------------------------------------------------------------
+
+def exact_count(density: float, numel: int) -> int:
+    """Kept entries of one matrix: round(density * numel), at least 0, at most numel."""
+    return max(0, min(numel, int(round(density * numel))))
+
+
+def split_count(total: int, sizes: list[int]) -> list[int]:
+    """Split `total` kept entries over consecutive parts of the given sizes in proportion,
+    with cumulative rounding so the parts add up to `total` exactly."""
+    whole = sum(sizes)
+    out, cum, prev = [], 0, 0
+    for s in sizes:
+        cum += s
+        nxt = int(round(total * cum / whole)) if whole else 0
+        out.append(nxt - prev)
+        prev = nxt
+    return out
+
+
+def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Boolean mask of the `keep` highest scores of the whole tensor (ties broken by index)."""
+    flat = scores.reshape(-1)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=scores.device)
+    if keep > 0:
+        idx = torch.topk(flat, keep, sorted=False).indices
+        mask[idx] = True
+    return mask.reshape(scores.shape)
+
+
+def row_topk_mask(scores: torch.Tensor, keep_total: int) -> torch.Tensor:
+    """Per-output-row comparison groups with an exact total.
+
+    Each row keeps floor(keep_total / m) or that plus one of its highest scores;
+    the rows that keep one more are those whose next-best score is highest. When
+    keep_total is a multiple of m (the usual case for real models at round
+    densities) this is exactly per-row top-k.
+    """
+    m, n = scores.shape
+    base, extra = divmod(int(keep_total), m)
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if base > 0:
+        mask.scatter_(1, order[:, :base], True)
+    if extra > 0:
+        cand = scores.gather(1, order[:, base:base + 1]).squeeze(1)
+        rows = torch.argsort(cand, descending=True, stable=True)[:extra]
+        mask[rows, order[rows, base]] = True
+    return mask
+
+
+def parse_nm(nm) -> tuple[int, int] | None:
+    if nm is None or nm in ("", "null", "none", "None"):
+        return None
+    try:
+        n_str, m_str = str(nm).split(":")
+        n, m = int(n_str), int(m_str)
+    except ValueError as e:
+        raise GlrsError(f"nm must look like '2:4' (keep N of every M consecutive inputs) or null, not {nm!r}") from e
+    if not 0 < n < m:
+        raise GlrsError(f"nm {nm!r}: need 0 < N < M")
+    return n, m
+
+
+def check_nm_density(nm: tuple[int, int], density: float) -> None:
+    n, m = nm
+    if abs(density - n / m) > 1e-9:
+        raise GlrsError(f"N:M sparsity {n}:{m} keeps exactly {n}/{m} = {n / m:g} of the weights, but the target "
+                        f"density is {density:g}; set target_density to {n / m:g} or use unstructured sparsity (nm: null)")
+
+
+def nm_mask(scores: torch.Tensor, nm: tuple[int, int]) -> torch.Tensor:
+    """Keep the N highest scores in every group of M consecutive inputs (columns) of each row."""
+    n, m = nm
+    rows, cols = scores.shape
+    if cols % m:
+        raise GlrsError(f"N:M sparsity {n}:{m} needs the input dimension to be a multiple of {m}; got {cols}")
+    groups = scores.reshape(rows, cols // m, m)
+    idx = torch.topk(groups, n, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
+    return mask.reshape(rows, cols)
+
+
+def allocate_ranks(shapes: dict[str, tuple[int, int]], density: float) -> dict[str, int]:
+    """Ranks for a pure low-rank method at a uniform density, with the overall density as close
+    to the target as the rank granularity allows.
+
+    Each matrix first gets r = floor(density * m * n / (m + n)) (the uniform
+    density rank); the remaining budget R = density * sum(m*n) - sum r(m+n) is
+    below one rank unit per matrix and is spent by giving +1 rank to a subset
+    of matrices whose units (m+n) sum closest to R (a bounded subset-sum over
+    the few distinct units; among equal units the earliest matrices in layer
+    order get the extra rank). The overall error is then at most half the gcd of
+    the distinct units, typically a few hundred parameters out of billions.
+    """
+    names = list(shapes)
+    budget = density * sum(m * n for m, n in shapes.values())
+    ranks = {}
+    for name in names:
+        m, n = shapes[name]
+        ranks[name] = min(min(m, n), int(math.floor(density * m * n / (m + n))))
+    rest = budget - sum(ranks[k] * sum(shapes[k]) for k in names)
+    # eligible matrices by unit
+    by_unit: dict[int, list[str]] = {}
+    for name in names:
+        m, n = shapes[name]
+        if ranks[name] < min(m, n):
+            by_unit.setdefault(m + n, []).append(name)
+    units = sorted(by_unit)
+    if not units or rest <= 0:
+        return ranks
+    limit = int(math.ceil(rest)) + max(units)
+    g = 0
+    for u in units:
+        g = math.gcd(g, u)
+    # reachable sums (in units of g) -> counts per unit that reach them
+    reach: dict[int, tuple[int, ...]] = {0: tuple(0 for _ in units)}
+    for ui, u in enumerate(units):
+        step, cap = u // g, len(by_unit[u])
+        new = dict(reach)
+        for s, counts in reach.items():
+            for c in range(1, cap + 1):
+                t = s + c * step
+                if t * g > limit:
+                    break
+                if t not in new:
+                    new[t] = counts[:ui] + (c,) + counts[ui + 1:]
+        reach = new
+    best = min(reach, key=lambda s: (abs(s * g - rest), s))
+    for u, c in zip(units, reach[best]):
+        for name in by_unit[u][:c]:
+            ranks[name] += 1
+    return ranks
+
+
+def density_of(params_kept: dict[str, int], shapes: dict[str, tuple[int, int]]) -> float:
+    dense = sum(shapes[k][0] * shapes[k][1] for k in params_kept)
+    return sum(params_kept.values()) / dense if dense else 0.0
+
+
+def assert_density(params_kept: dict[str, int], shapes: dict[str, tuple[int, int]], density: float, method: str) -> float:
+    achieved = density_of(params_kept, shapes)
+    if abs(achieved - density) > DENSITY_TOLERANCE:
+        raise GlrsError(f"{method}: achieved density {achieved:.5f} misses the target {density:.5f} by more than "
+                        f"{DENSITY_TOLERANCE * 100:g} percentage points; the model's matrices are too small for this "
+                        "target's granularity")
+    return achieved
+
+
+def collect_weights(model) -> dict[str, torch.Tensor]:
+    """HF weight name -> current (compressed) weight of every target matrix, cloned to the CPU."""
+    out = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        for short, mod in target_modules(layer).items():
+            out[weight_name(i, short)] = mod.weight.detach().to("cpu").clone()
+    return out
