@@ -189,6 +189,7 @@ def _capture(model, calib_ids: torch.Tensor, device: str, batch_size: int):
     for kw in kwargs:
         kw.pop("past_key_values", None)
         kw.pop("past_key_value", None)
+        kw.pop("cache", None)
         kw["use_cache"] = False
     return hidden, kwargs
 
