@@ -68,8 +68,7 @@ class MethodOutput:
     details: dict = field(default_factory=dict)  # JSON-able per-method information
 
     def achieved_density(self, model) -> float:
-        dense = sum(target_shapes(model)[n][0] * target_shapes(model)[n][1] for n in self.params_kept)
-        return sum(self.params_kept.values()) / dense
+        return density_of(self.params_kept, target_shapes(model))
 
 
 class Method(Protocol):
@@ -482,3 +481,30 @@ def collect_weights(model) -> dict[str, torch.Tensor]:
         for short, mod in target_modules(layer).items():
             out[weight_name(i, short)] = mod.weight.detach().to("cpu").clone()
     return out
+
+
+def resolve_params(method: str, params: dict | None, defaults: dict) -> dict:
+    """The method's defaults updated with `params`; unknown names are an error naming the known ones."""
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise GlrsError(f"{method}: unknown parameter(s) {', '.join(unknown)}; known: "
+                        f"{', '.join(f'{k} (default {v!r})' for k, v in defaults.items()) or 'none'}")
+    return {**defaults, **params}
+
+
+def finish(model, method: str, density: float, params_kept: dict[str, int], details: dict) -> MethodOutput:
+    """Check the overall density, read the compressed weights back from the model, report."""
+    shapes = target_shapes(model)
+    achieved = assert_density(params_kept, shapes, density, method)
+    details = {"method": method, "target_density": density, "achieved_density": achieved,
+               "params_kept": int(sum(params_kept.values())),
+               "params_dense": int(sum(shapes[k][0] * shapes[k][1] for k in params_kept)), **details}
+    return MethodOutput(collect_weights(model), {k: int(v) for k, v in params_kept.items()}, details)
+
+
+def write_weight(model, name: str, w: torch.Tensor) -> None:
+    """Copy `w` into the target matrix called `name` (HF weight name), keeping its dtype and device."""
+    param = model.get_parameter(name)
+    with torch.no_grad():
+        param.copy_(w.to(param.device, param.dtype))
