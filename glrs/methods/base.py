@@ -66,6 +66,11 @@ class MethodOutput:
     weights: dict[str, torch.Tensor]  # HF weight name -> compressed dense matrix, same shape/dtype as the original
     params_kept: dict[str, int]  # weight name -> kept parameters (DESIGN.md section 7)
     details: dict = field(default_factory=dict)  # JSON-able per-method information
+    # Optional factored form, in glrs.compressed's layout, for methods with a low-rank part:
+    # weight name -> {U [m, r], sigma [r], V [n, r], S_index [k] int64 flat ascending, S_values [k]} with
+    # weights[name] == U diag(sigma) V^T + S up to rounding. None for pure sparsity (S = the nonzeros of
+    # `weights`) and for methods that do not provide it.
+    factors: dict[str, dict[str, torch.Tensor]] | None = None
 
     def achieved_density(self, model) -> float:
         return density_of(self.params_kept, target_shapes(model))
@@ -493,14 +498,15 @@ def resolve_params(method: str, params: dict | None, defaults: dict) -> dict:
     return {**defaults, **params}
 
 
-def finish(model, method: str, density: float, params_kept: dict[str, int], details: dict) -> MethodOutput:
+def finish(model, method: str, density: float, params_kept: dict[str, int], details: dict,
+           factors: dict[str, dict[str, torch.Tensor]] | None = None) -> MethodOutput:
     """Check the overall density, read the compressed weights back from the model, report."""
     shapes = target_shapes(model)
     achieved = assert_density(params_kept, shapes, density, method)
     details = {"method": method, "target_density": density, "achieved_density": achieved,
                "params_kept": int(sum(params_kept.values())),
                "params_dense": int(sum(shapes[k][0] * shapes[k][1] for k in params_kept)), **details}
-    return MethodOutput(collect_weights(model), {k: int(v) for k, v in params_kept.items()}, details)
+    return MethodOutput(collect_weights(model), {k: int(v) for k, v in params_kept.items()}, details, factors)
 
 
 def write_weight(model, name: str, w: torch.Tensor) -> None:
@@ -508,3 +514,14 @@ def write_weight(model, name: str, w: torch.Tensor) -> None:
     param = model.get_parameter(name)
     with torch.no_grad():
         param.copy_(w.to(param.device, param.dtype))
+
+
+def low_rank_factors(U: torch.Tensor, sigma: torch.Tensor, V: torch.Tensor, dtype: torch.dtype,
+                     S_index: torch.Tensor | None = None, S_values: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """A MethodOutput.factors entry on the CPU: U [m, r], sigma [r], V [n, r], and the sparse part (empty if none)."""
+    if S_index is None:
+        S_index = torch.zeros(0, dtype=torch.int64)
+        S_values = torch.zeros(0, dtype=dtype)
+    return {"U": U.detach().to("cpu", dtype).contiguous(), "sigma": sigma.detach().to("cpu", dtype).contiguous(),
+            "V": V.detach().to("cpu", dtype).contiguous(), "S_index": S_index.detach().to("cpu", torch.int64).contiguous(),
+            "S_values": S_values.detach().to("cpu", dtype).contiguous()}

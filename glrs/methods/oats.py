@@ -4,10 +4,13 @@ Per target matrix W (m x n) with input statistics X:
   D = diag(||X_j||_2)  (the square root of the inputs' second moment; any
       common factor such as 1/#tokens cancels);
   S = 0; repeat `iterations` (80) times:
-      L <- best rank-r approximation of (W D - S)       (truncated SVD)
+      L <- best rank-r approximation of (W D - S)       (truncated SVD, computed
+           as the projection on the top-r eigenvectors of the smaller Gram
+           matrix in float64: the same matrix, several times faster)
       S <- hard threshold of (W D - L): keep the k largest |entries| in each
            output row (row-wise, as the reference code and Wanda)
-  W~ = (L + S) D^-1.
+  W~ = (L + S) D^-1, also returned factored (MethodOutput.factors: U, sigma,
+  V of L D^-1 and the nonzeros of S D^-1).
 Budget split by the rank ratio kappa (0.25, one of the paper's two settings
 for Llama-3/Phi-3, the other 0.3): r = floor(kappa * density * m*n/(m+n)),
 k = round(density*m*n) - r*(m+n) nonzeros, so each matrix keeps exactly
@@ -36,8 +39,8 @@ import math
 
 import torch
 
-from .base import (LayerStats, MethodOutput, check_density, exact_count, finish, resolve_params, row_topk_mask,
-                   sequential_layers, target_modules)
+from .base import (LayerStats, MethodOutput, check_density, exact_count, finish, low_rank_factors, resolve_params,
+                   row_topk_mask, sequential_layers, target_modules)
 from ..errors import GlrsError
 from ..modelio import weight_name
 
@@ -62,30 +65,64 @@ def oats_scale(col_norm: torch.Tensor) -> torch.Tensor:
     return torch.where(d > 0, d, floor)
 
 
+def best_rank_r(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-r approximation of A (Eckart-Young) as (P [m, r], B [r, n]) in float64, A_r = P B.
+
+    P = top-r eigenvectors of A A^T and B = P^T A (or, for tall A, P = A V and B = V^T with the top-r
+    eigenvectors V of A^T A): the Gram matrix of the smaller side is formed and diagonalised in
+    float64. The same matrix as a truncated SVD, several times faster than a full SVD of A, which
+    is what the iterations per matrix cost.
+    """
+    A64 = A.to(torch.float64)
+    m, n = A.shape
+    if m <= n:
+        _, Q = torch.linalg.eigh(A64 @ A64.T)
+        Q = Q[:, m - rank:]
+        return Q, Q.T @ A64
+    _, V = torch.linalg.eigh(A64.T @ A64)
+    V = V[:, n - rank:]
+    return A64 @ V, V.T
+
+
 def oats_decompose(W: torch.Tensor, col_norm: torch.Tensor, rank: int, nnz: int, iterations: int,
                    dtype=torch.float32, track: bool = False):
-    """(W~, keep mask of the sparse part, history) with history = ||W D - L - S||_F / ||W D||_F per iteration
-    (only when `track`)."""
+    """(W~, keep mask of the sparse part, history, factors).
+
+    history: ||W D - L - S||_F / ||W D||_F after each iteration (only when `track`); factors: the
+    unscaled decomposition W~ = U diag(sigma) V^T + S in MethodOutput.factors layout (float64).
+    """
     if iterations < 1:
         raise GlrsError(f"OATS: iterations must be >= 1, got {iterations}")
+    m, n = W.shape
     d = oats_scale(col_norm.to(W.device, torch.float64)).to(dtype)
     Wd = W.detach().to(dtype) * d.unsqueeze(0)
     S = torch.zeros_like(Wd)
     L = torch.zeros_like(Wd)
+    P = torch.zeros(m, 0, dtype=torch.float64, device=W.device)
+    B = torch.zeros(0, n, dtype=torch.float64, device=W.device)
     mask = torch.zeros_like(Wd, dtype=torch.bool)
     history = []
     norm = torch.linalg.norm(Wd)
     for _ in range(iterations):
         if rank > 0:
-            U, sig, Vh = torch.linalg.svd(Wd - S, full_matrices=False)
-            L = (U[:, :rank] * sig[:rank]) @ Vh[:rank]
+            P, B = best_rank_r(Wd - S, rank)
+            L = (P @ B).to(dtype)
         R = Wd - L
         mask = row_topk_mask(R.abs(), nnz)
         S = R * mask
         if track:
             history.append(float(torch.linalg.norm(Wd - L - S) / norm))
+    d64 = d.to(torch.float64)
+    # L D^-1 = P (B D^-1) = (P Ub) diag(sigma) Vh with B D^-1 = Ub diag(sigma) Vh (an r x n SVD)
+    if rank > 0:
+        Ub, sigma, Vh = torch.linalg.svd(B / d64.unsqueeze(0), full_matrices=False)
+    else:
+        Ub, sigma, Vh = P.new_zeros(0, 0), P.new_zeros(0), P.new_zeros(0, n)
+    index = torch.nonzero(mask.reshape(-1)).squeeze(1)
+    values = (S / d.unsqueeze(0)).reshape(-1)[index].to(torch.float64)
+    factors = {"U": P @ Ub, "sigma": sigma, "V": Vh.T, "S_index": index, "S_values": values}
     out = (L + S) / d.unsqueeze(0)
-    return out.to(W.dtype), mask, history
+    return out.to(W.dtype), mask, history, factors
 
 
 class OATSMethod:
@@ -100,7 +137,7 @@ class OATSMethod:
         if not 0.0 <= kappa <= 1.0:
             raise GlrsError(f"oats: rank_ratio must be in [0, 1], got {kappa}")
         dtype = getattr(torch, p["dtype"])
-        kept, per_matrix = {}, {}
+        kept, per_matrix, factors = {}, {}, {}
 
         def compress_layer(i, layer, stats: dict[str, LayerStats]):
             mods = target_modules(layer)
@@ -108,9 +145,10 @@ class OATSMethod:
             for short, st in stats.items():
                 W = mods[short].weight.detach()
                 r, k = oats_budget(tuple(W.shape), density, kappa)
-                new[short], mask, _ = oats_decompose(W, st.col_norm, r, k, int(p["iterations"]), dtype)
+                new[short], mask, _, f = oats_decompose(W, st.col_norm, r, k, int(p["iterations"]), dtype)
                 m, n = W.shape
                 name = weight_name(i, short)
+                factors[name] = low_rank_factors(f["U"], f["sigma"], f["V"], W.dtype, f["S_index"], f["S_values"])
                 kept[name] = r * (m + n) + int(mask.sum())
                 per_matrix[name] = {"rank": r, "nnz": int(mask.sum()), "rank_ratio": r / min(m, n),
                                     "density": kept[name] / (m * n)}
@@ -118,7 +156,7 @@ class OATSMethod:
 
         sequential_layers(model, calib_ids, device, compress_layer, batch_size=int(p["batch_size"]))
         return finish(model, self.name, density, kept, {"params": p, "seed": seed, "matrices": per_matrix,
-                                                         "calibration_tokens": int(calib_ids.numel())})
+                                                         "calibration_tokens": int(calib_ids.numel())}, factors)
 
 
 OATS = OATSMethod()

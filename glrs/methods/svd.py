@@ -7,7 +7,8 @@ density: r = density*m*n/(m+n), the paper's "param ratio" rule, rounded as
 for the subset of matrices that brings the overall count closest to the
 budget), so the overall density is within one rank unit of the target; for
 real models that is far below 0.01 percentage points. The dense export is the
-product A B.
+product A B; the factors are also returned (MethodOutput.factors, sigma
+descending, V [n, r] holding the unscaled/unwhitened right factor).
 
 svd      Eckart-Young: the r largest singular triplets of W. No calibration.
 asvd     ASVD (Yuan et al. 2023, arXiv 2312.05821): scale the input columns by
@@ -40,28 +41,23 @@ from __future__ import annotations
 
 import torch
 
-from .base import (LayerStats, MethodOutput, allocate_ranks, check_density, decoder_layers, finish,
+from .base import (LayerStats, MethodOutput, allocate_ranks, check_density, decoder_layers, finish, low_rank_factors,
                    resolve_params, sequential_layers, target_modules, target_shapes)
 from ..errors import GlrsError
 from ..modelio import weight_name
 
 
-def truncated(W: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U_r, sigma_r, Vh_r): the `rank` largest singular triplets of W (rank 0: empty factors)."""
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    return U[:, :rank], S[:rank], Vh[:rank]
+def svd_factors(W: torch.Tensor, rank: int, dtype=torch.float64):
+    """(U [m, r], sigma [r], V [n, r]): the `rank` largest singular triplets of W."""
+    U, S, Vh = torch.linalg.svd(W.to(dtype), full_matrices=False)
+    return U[:, :rank], S[:rank], Vh[:rank].T
 
 
-def svd_approx(W: torch.Tensor, rank: int, dtype=torch.float64) -> torch.Tensor:
-    U, S, Vh = truncated(W.to(dtype), rank)
-    return ((U * S) @ Vh).to(W.dtype)
-
-
-def asvd_approx(W: torch.Tensor, abs_mean: torch.Tensor, rank: int, alpha: float = 0.5,
-                dtype=torch.float64) -> torch.Tensor:
+def asvd_factors(W: torch.Tensor, abs_mean: torch.Tensor, rank: int, alpha: float = 0.5, dtype=torch.float64):
+    """(U, sigma, V) with U diag(sigma) V^T = truncated SVD of W S, times S^-1; S = diag(abs_mean^alpha + 1e-6)."""
     s = abs_mean.to(W.device, dtype).clamp_min(0) ** alpha + 1e-6
-    U, S, Vh = truncated(W.to(dtype) * s.unsqueeze(0), rank)
-    return ((U * S) @ (Vh / s.unsqueeze(0))).to(W.dtype)
+    U, S, V = svd_factors(W.to(dtype) * s.unsqueeze(0), rank, dtype)
+    return U, S, V / s.unsqueeze(1)
 
 
 def whitening_factor(H: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -81,17 +77,35 @@ def whitening_factor(H: torch.Tensor) -> tuple[torch.Tensor, float]:
     return C, shift
 
 
-def svdllm_approx(W: torch.Tensor, H: torch.Tensor, rank: int,
-                  dtype=torch.float64) -> tuple[torch.Tensor, dict]:
-    """W~ = U_r Sigma_r V_r^T C^-1 and {truncation_loss (sum of discarded sigma^2), shift}."""
+def svdllm_factors(W: torch.Tensor, H: torch.Tensor, rank: int, dtype=torch.float64):
+    """((U, sigma, V), info): U diag(sigma) V^T = U_r Sigma_r V_r^T C^-1 and
+    info = {truncation_loss: sum of the discarded sigma^2 of W C, shift}."""
     C, shift = whitening_factor(H.to(W.device))
     C = C.to(dtype)
     U, S, Vh = torch.linalg.svd(W.to(dtype) @ C, full_matrices=False)
-    # V_r^T C^-1 = (C^-T V_r)^T: solve C^T Y = V_r with C^T upper triangular
+    # (V_r^T C^-1)^T = C^-T V_r: solve C^T Y = V_r with C^T upper triangular
     Y = torch.linalg.solve_triangular(C.T, Vh[:rank].T, upper=True)
-    approx = (U[:, :rank] * S[:rank]) @ Y.T
     loss = float((S[rank:].double() ** 2).sum())
-    return approx.to(W.dtype), {"truncation_loss": loss, "shift": shift}
+    return (U[:, :rank], S[:rank], Y), {"truncation_loss": loss, "shift": shift}
+
+
+def compose_low_rank(U, sigma, V, dtype) -> torch.Tensor:
+    return ((U * sigma) @ V.T).to(dtype)
+
+
+def svd_approx(W: torch.Tensor, rank: int, dtype=torch.float64) -> torch.Tensor:
+    return compose_low_rank(*svd_factors(W, rank, dtype), W.dtype)
+
+
+def asvd_approx(W: torch.Tensor, abs_mean: torch.Tensor, rank: int, alpha: float = 0.5,
+                dtype=torch.float64) -> torch.Tensor:
+    return compose_low_rank(*asvd_factors(W, abs_mean, rank, alpha, dtype), W.dtype)
+
+
+def svdllm_approx(W: torch.Tensor, H: torch.Tensor, rank: int, dtype=torch.float64) -> tuple[torch.Tensor, dict]:
+    """W~ = U_r Sigma_r V_r^T C^-1 and {truncation_loss, shift}."""
+    factors, info = svdllm_factors(W, H, rank, dtype)
+    return compose_low_rank(*factors, W.dtype), info
 
 
 class _LowRank:
@@ -101,34 +115,38 @@ class _LowRank:
 
     def compress(self, model, calib_ids: torch.Tensor | None, density: float, params: dict, seed: int,
                  device: str) -> MethodOutput:
-        """Replaces `model`'s target matrices in place by their rank-r approximations."""
+        """Replaces `model`'s target matrices in place by their rank-r approximations; the output also
+        carries the factors (U, sigma, V)."""
         density = check_density(density)
         p = resolve_params(self.name, params, self.defaults)
-        dtype = getattr(torch, p.get("dtype", "float64"))
+        dtype = getattr(torch, p["dtype"])
         shapes = target_shapes(model)
         ranks = allocate_ranks(shapes, density)
         kept = {name: ranks[name] * (m + n) for name, (m, n) in shapes.items()}
         per_matrix = {name: {"rank": ranks[name], "rank_ratio": ranks[name] / min(shapes[name]),
                              "density": kept[name] / (shapes[name][0] * shapes[name][1])} for name in shapes}
+        factors: dict[str, dict[str, torch.Tensor]] = {}
+
+        def approx(name, W, stats):
+            U, sigma, V = self.factors(W, stats, ranks[name], p, dtype, per_matrix[name])
+            factors[name] = low_rank_factors(U, sigma, V, W.dtype)
+            return compose_low_rank(U, sigma, V, W.dtype)
 
         if not self.needs_calibration:
             for i, layer in enumerate(decoder_layers(model)):
                 for short, mod in target_modules(layer).items():
                     name = weight_name(i, short)
-                    W = mod.weight.detach().to(device)
+                    new = approx(name, mod.weight.detach().to(device), None)
                     with torch.no_grad():
-                        mod.weight.copy_(self.approx(W, None, ranks[name], p, dtype, per_matrix[name]).to(mod.weight.device))
+                        mod.weight.copy_(new.to(mod.weight.device))
         else:
             if p["calibration"] not in ("dense", "sequential"):
                 raise GlrsError(f"{self.name}: calibration must be 'dense' or 'sequential', not {p['calibration']!r}")
 
             def compress_layer(i, layer, stats: dict[str, LayerStats]):
                 mods = target_modules(layer)
-                new = {}
-                for short, st in stats.items():
-                    name = weight_name(i, short)
-                    new[short] = self.approx(mods[short].weight.detach(), st, ranks[name], p, dtype, per_matrix[name])
-                return new
+                return {short: approx(weight_name(i, short), mods[short].weight.detach(), st)
+                        for short, st in stats.items()}
 
             propagate = "dense" if p["calibration"] == "dense" else "compressed"
             sequential_layers(model, calib_ids, device, compress_layer, propagate=propagate,
@@ -136,9 +154,9 @@ class _LowRank:
         details = {"params": p, "seed": seed, "matrices": per_matrix}
         if self.needs_calibration:
             details["calibration_tokens"] = int(calib_ids.numel())
-        return finish(model, self.name, density, kept, details)
+        return finish(model, self.name, density, kept, details, factors)
 
-    def approx(self, W, stats, rank, p, dtype, info) -> torch.Tensor:
+    def factors(self, W, stats, rank, p, dtype, info):
         raise NotImplementedError
 
 
@@ -146,8 +164,8 @@ class PlainSVD(_LowRank):
     name = "svd"
     defaults = {"dtype": "float64"}
 
-    def approx(self, W, stats, rank, p, dtype, info):
-        return svd_approx(W, rank, dtype)
+    def factors(self, W, stats, rank, p, dtype, info):
+        return svd_factors(W, rank, dtype)
 
 
 class ActivationAwareSVD(_LowRank):
@@ -155,8 +173,8 @@ class ActivationAwareSVD(_LowRank):
     needs_calibration = True
     defaults = {"alpha": 0.5, "calibration": "dense", "dtype": "float64", "batch_size": 4}
 
-    def approx(self, W, stats, rank, p, dtype, info):
-        return asvd_approx(W, stats.abs_mean, rank, float(p["alpha"]), dtype)
+    def factors(self, W, stats, rank, p, dtype, info):
+        return asvd_factors(W, stats.abs_mean, rank, float(p["alpha"]), dtype)
 
 
 class WhitenedSVD(_LowRank):
@@ -164,10 +182,10 @@ class WhitenedSVD(_LowRank):
     needs_calibration = True
     defaults = {"calibration": "dense", "dtype": "float64", "batch_size": 4}
 
-    def approx(self, W, stats, rank, p, dtype, info):
-        out, extra = svdllm_approx(W, stats.H, rank, dtype)
+    def factors(self, W, stats, rank, p, dtype, info):
+        factors, extra = svdllm_factors(W, stats.H, rank, dtype)
         info.update(extra)
-        return out
+        return factors
 
 
 SVD = PlainSVD()

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from glrs.compressed import compose
 from glrs.errors import GlrsError
 from glrs.methods import METHODS, get_method
 from glrs.methods.base import (LayerStats, allocate_ranks, collect_stats, row_topk_mask, sequential_layers,
@@ -103,6 +104,16 @@ def test_method_hits_density_and_touches_only_targets(name, params, density, cal
                 assert out.params_kept[key] == int((W != 0).sum())  # random weights: kept entries are nonzero
         else:
             assert torch.equal(state[key], value), f"{name} changed non-target tensor {key}"
+    if name in ("svd", "asvd", "svdllm", "oats"):  # the factored form reproduces the dense weights
+        assert set(out.factors) == set(shapes)
+        for key, f in out.factors.items():
+            m, n = shapes[key]
+            assert out.params_kept[key] == f["U"].shape[1] * (m + n) + f["S_values"].numel()
+            assert f["S_index"].dtype == torch.int64 and bool((f["S_index"].diff() > 0).all())
+            assert bool((f["sigma"].diff() <= 0).all())
+            torch.testing.assert_close(compose(**f, shape=(m, n)), out.weights[key], rtol=1e-4, atol=1e-6)
+    else:
+        assert out.factors is None
     if params.get("nm") == "2:4":
         for W in out.weights.values():
             assert ((W.reshape(W.shape[0], -1, 4) != 0).sum(-1) == 2).all()
@@ -316,7 +327,7 @@ def test_oats_error_decreases_and_beats_each_part_alone():
     density = 0.4
     r, k = oats_budget((m, n), density, 0.25)
     assert r * (m + n) + k == round(density * m * n) and r > 0 and k > 0
-    approx, mask, history = oats_decompose(W, d, r, k, 30, torch.float64, track=True)
+    approx, mask, history, factors = oats_decompose(W, d, r, k, 30, torch.float64, track=True)
     assert all(b <= a + 1e-12 for a, b in zip(history, history[1:]))  # alternating projections never go up
     assert history[-1] < history[0]
     assert int(mask.sum()) == k
@@ -330,7 +341,9 @@ def test_oats_error_decreases_and_beats_each_part_alone():
     sparse_only = W * row_topk_mask((W * d).abs(), budget)
     assert scaled_err(approx) < scaled_err(low_only)
     assert scaled_err(approx) < scaled_err(sparse_only)
-    one_iter, _, _ = oats_decompose(W, d, r, k, 1, torch.float64)
+    one_iter, _, _, _ = oats_decompose(W, d, r, k, 1, torch.float64)
+    torch.testing.assert_close(compose(**factors, shape=(m, n)), approx)
+    assert factors["U"].shape[1] == r and factors["S_values"].numel() == k
     assert scaled_err(approx) < scaled_err(one_iter)
 
 
