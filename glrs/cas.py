@@ -40,11 +40,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 def cached_file_hash(path: str | os.PathLike, cache_path: str | os.PathLike | None = None) -> str:
     """sha256 of a file, remembered by (path, size, mtime) so that re-planning a
-    multi-GB checkpoint costs a stat, not a read."""
+    multi-GB checkpoint costs a stat, not a read. The cache lives in $GLRS_CACHE_DIR
+    (default ~/.cache/glrs); losing it only costs a re-hash."""
     path = Path(path).resolve()
     st = path.stat()
     ident = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    cache_path = Path(cache_path or Path.home() / ".cache" / "glrs" / "file-hashes.json")
+    cache_dir = os.environ.get("GLRS_CACHE_DIR") or Path.home() / ".cache" / "glrs"
+    cache_path = Path(cache_path or Path(cache_dir) / "file-hashes.json")
     cache: dict[str, str] = {}
     if cache_path.exists():
         try:

@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layer", type=int, required=True)
     s.add_argument("--params", type=_json, required=True)
     s.add_argument("--device", default="auto")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     s.add_argument("--out", required=True)
 
     s = sub.add_parser("calibrate", help="draw calibration token windows")
@@ -92,6 +93,10 @@ def run(args: argparse.Namespace) -> None:
 
         prepare_model(args.spec, args.out, args.dtype, args.revision)
     elif c == "decompose":
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         meta = pipeline.decompose_layer(args.model_dir, args.layer, args.params, args.out, args.device)
         for short, m in meta["matrices"].items():
             print(f"layer {args.layer} {short}: rank {m['rank']}, nnz {m['nnz']}, {m['iterations']} it, residual {m['residual']:.2e}")

@@ -36,7 +36,7 @@ class LowRankSparseLinear(nn.Module):
         self.out_features, self.in_features = m, n
         self.U, self.sigma, self.V = nn.Parameter(U), nn.Parameter(sigma), nn.Parameter(V)
         rows, cols = S_index // n, S_index % n
-        S = torch.sparse_coo_tensor(torch.stack([rows, cols]), S_values, (m, n)).coalesce().to_sparse_csr()
+        S = torch.sparse_coo_tensor(torch.stack([rows, cols]), S_values, (m, n), check_invariants=True).coalesce().to_sparse_csr()
         self.register_buffer("S", S)
         self.bias = None if bias is None else nn.Parameter(bias)
 

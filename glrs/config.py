@@ -34,8 +34,16 @@ def _allowed(schema: dict) -> str:
     return " ".join(bits)
 
 
+LIST_KEYS = ("methods", "allocators", "target_density")
+
+
 def validate(config: dict, schema_path: Path = SCHEMA) -> dict:
-    """Raise GlrsError naming the offending key and the allowed values."""
+    """Raise GlrsError naming the offending key and the allowed values.
+
+    A single value for a list key (`--config target_density=0.5`) means a list of one."""
+    for key in LIST_KEYS:
+        if key in config and not isinstance(config[key], list):
+            config[key] = [config[key]]
     schema = yaml.safe_load(schema_path.read_text())
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if not errors:

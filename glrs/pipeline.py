@@ -163,6 +163,7 @@ def dense_run_info(model_dir: str) -> dict:
     manifest = modelio.read_manifest(model_dir)
     targets = sum(m * n for m, n in manifest["targets"].values()) * manifest["num_layers"]
     return {"method": "dense", "allocator": "", "model": manifest["spec"], "model_fp": manifest["fingerprint"],
+            "model_key": Path(model_dir).name, "comp_key": "", "seed": "",
             "target_density": 1.0, "achieved_density": 1.0, "params_kept": targets, "params_dense": targets}
 
 

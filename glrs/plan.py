@@ -74,8 +74,21 @@ class Plan:
 
     def metrics_file(self, target: str, dataset: str) -> str:
         """target: 'dense-<model_key>' or a compressed key."""
-        safe = dataset.replace(":", "_").replace("/", "_")
-        return f"{RESULTS}/metrics/{target}/ppl-{safe}-{self.eval_keys[dataset]}.json"
+        return f"{RESULTS}/metrics/{target}/ppl-{safe_name(dataset)}-{self.eval_keys[dataset]}.json"
+
+    def dataset_by_safe_name(self, safe: str) -> str:
+        return next(d for d in self.eval_keys if safe_name(d) == safe)
+
+    def run_info(self, run: Run) -> dict:
+        """What a compressed model's info.json records about how it was made (keys link it to its stages)."""
+        return {"method": run.method, "allocator": run.allocator, "seed": self.config["seed"],
+                "model_key": self.model_key, "rpca_key": self.rpca_key, "alloc_key": run.alloc_key,
+                "comp_key": run.comp_key, "layers": self.layers}
+
+    @property
+    def spectra_files(self) -> list[str]:
+        wanted = self.config.get("plots", {}).get("spectra_layers", [0])
+        return [self.rpca_file(i) for i in wanted if i in self.layers] or self.rpca_files[:1]
 
     @property
     def dense_target(self) -> str:
@@ -90,6 +103,10 @@ class Plan:
 
     def run_by_alloc_key(self, alloc_key: str) -> Run:
         return next(r for r in self.runs if r.alloc_key == alloc_key)
+
+
+def safe_name(dataset: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in dataset)
 
 
 def _layers(config: dict, num_layers: int) -> list[int]:

@@ -1,0 +1,46 @@
+# glrs: CAP (arXiv 2505.03801) as a content-addressed pipeline. DESIGN.md section 3 draws the DAG.
+# The whole plan (every key and path) is computed from the config before any job runs.
+import json
+import os
+import sys
+
+sys.path.insert(0, workflow.basedir)
+
+from snakemake.exceptions import WorkflowError
+
+from glrs.config import validate
+from glrs.errors import GlrsError
+from glrs.plan import make_plan
+
+
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
+
+
+try:
+    PLAN = make_plan(validate(config))
+except GlrsError as e:
+    raise WorkflowError(f"glrs: {e}")
+
+GLRS = f'"{sys.executable}" -m glrs'
+RESULTS = "results"
+
+
+def as_json(obj):
+    """A JSON argument for the shell, quoted once."""
+    return "'" + json.dumps(obj, sort_keys=True).replace("'", "'\\''") + "'"
+
+
+include: "workflow/rules/model.smk"
+include: "workflow/rules/decompose.smk"
+include: "workflow/rules/allocate.smk"
+include: "workflow/rules/materialize.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/plots.smk"
+
+
+rule all:
+    input:
+        f"{RESULTS}/summary.csv",
+        f"{RESULTS}/plots/allocation.png",
+        f"{RESULTS}/plots/spectra.png",
+    default_target: True

@@ -1,0 +1,103 @@
+"""results/summary.csv: every run in the results tree as one row (DESIGN.md section 7).
+
+Rows are gathered from the metrics files, not from the current config, so a
+sweep run over several days (or several configs) reads as one table. Stage
+wall times come from Snakemake's benchmark files, found by the keys each
+metrics record carries.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from . import cas
+
+ID_COLUMNS = ["model", "model_fp", "method", "allocator", "target_density", "achieved_density", "params_kept", "seed"]
+STAGES = ["prepare_model", "decompose", "calibrate", "allocate", "materialize", "compress", "evaluate_ppl", "evaluate_zeroshot"]
+
+
+def column_safe(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def _bench_seconds(results: Path, pattern: str) -> float | None:
+    """Sum of wall seconds over the Snakemake benchmark TSVs matching `pattern`."""
+    total, found = 0.0, False
+    for tsv in results.glob(pattern):
+        rows = list(csv.DictReader(tsv.read_text().splitlines(), delimiter="\t"))
+        if rows:
+            total += float(rows[-1]["s"])
+            found = True
+    return round(total, 3) if found else None
+
+
+def _stage_patterns(rec: dict) -> dict[str, str]:
+    mk = rec.get("model_key", "")
+    pats = {"prepare_model": f"bench/prepare_model/{mk}.tsv", "calibrate": f"bench/calibrate/{mk}/*.tsv"}
+    if rec["method"] == "dense":
+        target = f"dense-{mk}"
+        pats["calibrate"] = ""
+    else:
+        target = rec["comp_key"]
+        if rec.get("rpca_key"):
+            pats["decompose"] = f"bench/decompose/{mk}/{rec['rpca_key']}/layer_*.tsv"
+        if rec.get("alloc_key"):
+            pats["allocate"] = f"bench/allocate/{rec['alloc_key']}.tsv"
+            pats["materialize"] = f"bench/materialize/{target}.tsv"
+        else:
+            pats["compress"] = f"bench/compress/{target}.tsv"
+    pats["evaluate_ppl"] = f"bench/evaluate_ppl/{target}/*.tsv"
+    pats["evaluate_zeroshot"] = f"bench/evaluate_zeroshot/{target}/*.tsv"
+    return {k: v for k, v in pats.items() if v}
+
+
+def collect_rows(results: str | Path = "results") -> list[dict]:
+    results = Path(results)
+    rows: dict[tuple, dict] = {}
+    for path in sorted(results.glob("metrics/*/*.json")):
+        rec = json.loads(path.read_text())
+        ident = tuple(rec.get(c) for c in ("model_fp", "method", "allocator", "target_density", "seed", "comp_key"))
+        row = rows.setdefault(ident, {c: rec.get(c, "") for c in ID_COLUMNS} | {"_rec": rec})
+        if rec.get("kind", "ppl") == "ppl":
+            row[f"ppl_{column_safe(rec['dataset'])}"] = round(rec["ppl"], 4)
+        else:
+            for task, acc in rec["accuracy"].items():
+                row[f"acc_{column_safe(task)}"] = round(acc, 4)
+    out = []
+    for row in rows.values():
+        rec = row.pop("_rec")
+        for stage, pattern in _stage_patterns(rec).items():
+            seconds = _bench_seconds(results, pattern)
+            if seconds is not None:
+                row[f"seconds_{stage}"] = seconds
+        out.append(row)
+    out.sort(key=lambda r: (str(r["model"]), r["method"] != "dense", str(r["method"]), str(r["allocator"]),
+                            float(r["target_density"] or 0)))
+    return out
+
+
+def write_summary(results: str | Path, out: str | Path) -> list[dict]:
+    rows = collect_rows(results)
+    extra = sorted({k for r in rows for k in r} - set(ID_COLUMNS),
+                   key=lambda c: (not c.startswith("ppl_"), not c.startswith("acc_"), c))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=ID_COLUMNS + extra, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    cas.write_text_atomic(out, buf.getvalue())
+    return rows
+
+
+def print_summary(csv_path: str | Path) -> None:
+    import pandas as pd
+
+    from .errors import GlrsError
+
+    if not Path(csv_path).is_file():
+        raise GlrsError(f"{csv_path} does not exist yet; run the pipeline first (snakemake --cores all)")
+    df = pd.read_csv(csv_path, keep_default_na=False)
+    df["model_fp"] = df["model_fp"].astype(str).str[:10]
+    with pd.option_context("display.max_columns", None, "display.width", 200):
+        print(df.to_string(index=False))

@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny randomly initialised Llama (mechanics) and the real embedded model (smoke)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_dir(tmp_path_factory) -> Path:
+    """SmolLM2's real tokenizer (from the embedded GGUF), saved as a plain HF tokenizer directory."""
+    from transformers import AutoTokenizer
+
+    from glrs.modelio import embedded_gguf_path
+
+    gguf = embedded_gguf_path()
+    out = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+    return out
+
+
+def make_tiny_llama(out: Path, tokenizer_dir: Path, layers: int = 2, seed: int = 0) -> Path:
+    """A randomly initialised Llama small enough for a CPU test, with a real tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, real_tokenizer_dir) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), real_tokenizer_dir, layers=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory, tiny_llama_dir) -> Path:
+    """The tiny Llama converted to a glrs checkpoint (safetensors + manifest)."""
+    from glrs.modelio import prepare_model
+
+    out = tmp_path_factory.mktemp("prepared") / "model"
+    prepare_model(str(tiny_llama_dir), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_prepared(tmp_path_factory) -> Path:
+    """The real embedded SmolLM2-135M-Instruct, dequantised once per test session."""
+    from glrs.modelio import EMBEDDED_DEFAULT, prepare_model
+
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    prepare_model(EMBEDDED_DEFAULT, out)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _isolated_hash_cache(tmp_path_factory, monkeypatch):
+    """Keep the file-hash cache of tests out of the user's ~/.cache."""
+    monkeypatch.setenv("GLRS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "glrs-cache"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

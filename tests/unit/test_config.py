@@ -1,0 +1,45 @@
+"""A wrong key or value stops the run with a message naming the key and what is allowed."""
+import copy
+
+import pytest
+
+from glrs import config
+from glrs.errors import GlrsError
+
+
+@pytest.fixture
+def default():
+    return config.load()
+
+
+def check_error(cfg, *needles):
+    with pytest.raises(GlrsError) as e:
+        config.validate(cfg)
+    for needle in needles:
+        assert needle in str(e.value)
+
+
+def test_default_config_is_valid(default):
+    assert default["model"] == "smollm2-135m-instruct"
+
+
+@pytest.mark.parametrize("density", [0, -0.1, 1.5])
+def test_density_outside_unit_interval_is_rejected(default, density):
+    cfg = copy.deepcopy(default) | {"target_density": [density]}
+    check_error(cfg, "target_density", "> 0", "<= 1")
+
+
+def test_unknown_key_names_the_allowed_keys(default):
+    cfg = copy.deepcopy(default)
+    cfg["rpca"]["tolerance"] = 1e-6
+    check_error(cfg, "rpca", "tolerance", "allowed keys", "lambda_scale")
+
+
+def test_unknown_allocator_lists_the_choices(default):
+    cfg = copy.deepcopy(default) | {"allocators": ["greedy"]}
+    check_error(cfg, "allocators.0", "'greedy'", "cap", "uniform", "rpca-threshold")
+
+
+def test_single_value_means_a_list_of_one(default):
+    cfg = copy.deepcopy(default) | {"target_density": 0.4}
+    assert config.validate(cfg)["target_density"] == [0.4]

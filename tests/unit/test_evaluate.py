@@ -1,0 +1,25 @@
+"""The perplexity protocol (DESIGN.md section 7), pinned on a fixed text."""
+import math
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from glrs import data, evaluate
+
+
+def test_protocol_matches_a_direct_loop_over_model_with_labels(tiny_llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids = data.tokenize(tokenizer, data.load_text("pydoc", "evaluation"))[:, :1000]
+    result = evaluate.perplexity(model, ids, seqlen=128)
+    assert result["windows"] == 1000 // 128 == 7
+    assert result["tokens"] == 7 * 128 and result["seqlen"] == 128
+    with torch.no_grad():
+        losses = [model(ids[:, i * 128 : (i + 1) * 128], labels=ids[:, i * 128 : (i + 1) * 128]).loss for i in range(7)]
+    assert math.isclose(result["ppl"], math.exp(torch.stack(losses).mean().item()), rel_tol=1e-5)
+
+
+def test_seqlen_is_capped_by_the_model_context(tiny_llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    ids = torch.randint(0, 100, (1, 600))
+    assert evaluate.perplexity(model, ids, seqlen=2048)["seqlen"] == model.config.max_position_embeddings == 256

@@ -1,0 +1,24 @@
+# Stage 1: one independent RPCA job per transformer layer. Each job reads only its layer.
+# `gpu=1` lets `--resources gpu=K` bound concurrent GPU jobs; without that flag it constrains nothing.
+
+
+rule decompose:
+    input:
+        PLAN.model_dir,
+    output:
+        f"{RESULTS}/rpca/{PLAN.model_key}/{PLAN.rpca_key}/layer_{{layer}}.safetensors",
+    wildcard_constraints:
+        layer=r"\d+",
+    params:
+        rpca=as_json(PLAN.rpca_params),
+        device=config["device"],
+    threads: 1
+    resources:
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/decompose/{PLAN.model_key}/{PLAN.rpca_key}/layer_{{layer}}.log",
+    benchmark:
+        f"{RESULTS}/bench/decompose/{PLAN.model_key}/{PLAN.rpca_key}/layer_{{layer}}.tsv"
+    shell:
+        "{GLRS} decompose --model-dir {input} --layer {wildcards.layer} --params {params.rpca} "
+        "--device {params.device} --threads {threads} --out {output} > {log} 2>&1"

@@ -1,0 +1,38 @@
+# Perplexity of the dense model and of every compressed model, then one summary table of the whole results tree.
+
+
+def model_under_test(wc):
+    if wc.target == PLAN.dense_target:
+        return {"model": PLAN.model_dir}
+    return {"model": f"{RESULTS}/compressed/{wc.target}"}
+
+
+rule evaluate_ppl:
+    input:
+        unpack(model_under_test),
+    output:
+        f"{RESULTS}/metrics/{{target}}/ppl-{{dataset}}-{{eval_key}}.json",
+    params:
+        model=lambda wc, input: input.model if wc.target == PLAN.dense_target else f"{input.model}/hf",
+        info=lambda wc, input: "" if wc.target == PLAN.dense_target else f"--info {input.model}/info.json",
+        dataset=lambda wc: PLAN.dataset_by_safe_name(wc.dataset),
+        seqlen=config["evaluation"]["seqlen"],
+        max_tokens=lambda wc: f"--max-tokens {config['evaluation']['max_tokens']}" if config["evaluation"].get("max_tokens") else "",
+        dtype=config["dtype"],
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/evaluate_ppl/{{target}}/{{dataset}}-{{eval_key}}.log",
+    benchmark:
+        f"{RESULTS}/bench/evaluate_ppl/{{target}}/{{dataset}}-{{eval_key}}.tsv"
+    shell:
+        "{GLRS} evaluate-ppl --model {params.model} {params.info} --dataset {params.dataset:q} --seqlen {params.seqlen} "
+        "{params.max_tokens} --dtype {params.dtype} --device {params.device} --out {output} > {log} 2>&1"
+
+
+rule summarize:
+    input:
+        PLAN.all_metrics(),
+    output:
+        f"{RESULTS}/summary.csv",
+    shell:
+        "{GLRS} summarize --results {RESULTS} --out {output}"

@@ -1,0 +1,20 @@
+# The compressed model, twice: factored (U, sigma, V, sparse S) and a dense Hugging Face export.
+
+
+rule materialize:
+    input:
+        model=PLAN.model_dir,
+        rpca=PLAN.rpca_files,
+        json=lambda wc: PLAN.alloc_json(PLAN.run_by_comp_key(wc.comp_key)),
+        masks=lambda wc: PLAN.alloc_masks(PLAN.run_by_comp_key(wc.comp_key)),
+    output:
+        directory(f"{RESULTS}/compressed/{{comp_key}}"),
+    params:
+        info=lambda wc: as_json(PLAN.run_info(PLAN.run_by_comp_key(wc.comp_key))),
+    log:
+        f"{RESULTS}/logs/materialize/{{comp_key}}.log",
+    benchmark:
+        f"{RESULTS}/bench/materialize/{{comp_key}}.tsv"
+    shell:
+        "{GLRS} materialize --model-dir {input.model} --rpca {input.rpca} --masks {input.masks} "
+        "--alloc-json {input.json} --run-info {params.info} --out {output} > {log} 2>&1"

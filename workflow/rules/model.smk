@@ -1,0 +1,33 @@
+# Any model spec -> one safetensors checkpoint, keyed by the source's content hash.
+
+
+rule prepare_model:
+    output:
+        directory(PLAN.model_dir),
+    params:
+        spec=PLAN.source.location if PLAN.source.kind != "hub" else PLAN.source.spec,
+        dtype=config["dtype"],
+        revision=config.get("model_revision", "main"),
+    log:
+        f"{RESULTS}/logs/prepare_model/{PLAN.model_key}.log",
+    benchmark:
+        f"{RESULTS}/bench/prepare_model/{PLAN.model_key}.tsv"
+    shell:
+        "{GLRS} prepare-model --spec {params.spec:q} --dtype {params.dtype} --revision {params.revision:q} "
+        "--out {output} > {log} 2>&1"
+
+
+rule calibrate:
+    input:
+        PLAN.model_dir,
+    output:
+        PLAN.calib_file,
+    params:
+        calib=as_json(PLAN.calib_params),
+        seed=config["seed"],
+    log:
+        f"{RESULTS}/logs/calibrate/{PLAN.calib_key}.log",
+    benchmark:
+        f"{RESULTS}/bench/calibrate/{PLAN.model_key}/{PLAN.calib_key}.tsv"
+    shell:
+        "{GLRS} calibrate --model-dir {input} --params {params.calib} --seed {params.seed} --out {output} > {log} 2>&1"
