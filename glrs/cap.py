@@ -31,7 +31,7 @@ entry variables and drops L.
   of variables (and the estimator's variance) by G.
 
 Cost. [paper] A component of an m x n matrix costs m + n (sigma folded into a
-factor), an entry costs 1. Budget B = round(density * dense) = _alloc.budget_for.
+factor), an entry costs 1. Budget B = round(density * dense) = allocate.budget_for.
 
 Objective. [paper] min_s E_{m ~ p(.|s)} [ L(W~(m)) ] s.t. sum_k cost_k s_k = B,
 0 <= s <= 1. L is the calibration loss: [choice] the mean next-token
@@ -56,6 +56,10 @@ s <- s - lr * (L - delta) * (m - s) / (s (1 - s) + eps).
   the K per-mask gradients are averaged ([lineage] samples K = 2 masks per batch;
   the paper's equations show one).
   A step whose loss is NaN/inf (e.g. fp16 overflow) is skipped ([lineage]).
+  [choice] A stepped value is clamped to [-64, 65] before the projection (only
+  so that float16 storage stays finite after a rare-event step of size
+  ~ lr * adv / s; it changes the projection only if |tau| * cost > 63), and a
+  0/0 gradient (grad_eps = 0 at s in {0, 1}) counts as 0.
 
 Projection. [paper] "projecting s back onto the budget" after every step. This
 module uses the exact Euclidean projection onto {0 <= s <= 1, sum cost*s = B}:
@@ -171,6 +175,11 @@ ALLOC_PARAMS_DEFAULTS: dict = {
 }
 
 _CHUNK = 1 << 25  # elements per float64 temporary in reductions
+_OUT = 64.0  # a stepped probability is kept within [-64, 65] before the projection (float16 stays finite)
+
+
+def _is_int(x, lo: int) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and float(x).is_integer() and x >= lo
 
 
 def resolve_params(params: dict | None) -> dict:
@@ -180,23 +189,24 @@ def resolve_params(params: dict | None) -> dict:
     if unknown:
         raise GlrsError(f"unknown CAP allocator parameter(s) {unknown}; valid: {', '.join(ALLOC_PARAMS_DEFAULTS)}")
     p = {**ALLOC_PARAMS_DEFAULTS, **params}
+
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
     checks = [
-        (p["lr"] > 0, "lr must be > 0"),
-        (int(p["epochs"]) == p["epochs"] and p["epochs"] >= 0, "epochs must be an integer >= 0"),
-        (int(p["batch_size"]) == p["batch_size"] and p["batch_size"] >= 1, "batch_size must be an integer >= 1"),
-        (int(p["samples_per_step"]) == p["samples_per_step"] and p["samples_per_step"] >= 1,
-         "samples_per_step must be an integer >= 1"),
+        (number(p["lr"]) and p["lr"] > 0, "lr must be a number > 0"),
+        (_is_int(p["epochs"], 0), "epochs must be an integer >= 0"),
+        (_is_int(p["batch_size"], 1), "batch_size must be an integer >= 1"),
+        (_is_int(p["samples_per_step"], 1), "samples_per_step must be an integer >= 1"),
         (p["baseline"] in ("ema", "window", "loo"), "baseline must be ema, window or loo"),
-        (p["baseline"] != "loo" or p["samples_per_step"] >= 2, "baseline loo needs samples_per_step >= 2"),
-        (0 <= p["baseline_beta"] < 1, "baseline_beta must be in [0, 1)"),
-        (int(p["baseline_window"]) == p["baseline_window"] and p["baseline_window"] >= 1,
-         "baseline_window must be an integer >= 1"),
-        (p["grad_eps"] >= 0, "grad_eps must be >= 0"),
+        (p["baseline"] != "loo" or (_is_int(p["samples_per_step"], 2)), "baseline loo needs samples_per_step >= 2"),
+        (number(p["baseline_beta"]) and 0 <= p["baseline_beta"] < 1, "baseline_beta must be in [0, 1)"),
+        (_is_int(p["baseline_window"], 1), "baseline_window must be an integer >= 1"),
+        (number(p["grad_eps"]) and p["grad_eps"] >= 0, "grad_eps must be a number >= 0"),
         (p["init"] in ("magnitude", "uniform"), "init must be magnitude or uniform"),
-        (p["init_temperature"] > 0, "init_temperature must be > 0"),
-        (int(p["sparse_group_size"]) == p["sparse_group_size"] and p["sparse_group_size"] >= 1,
-         "sparse_group_size must be an integer >= 1"),
-        (int(p["max_steps"]) == p["max_steps"] and p["max_steps"] >= 0, "max_steps must be an integer >= 0"),
+        (number(p["init_temperature"]) and p["init_temperature"] > 0, "init_temperature must be a number > 0"),
+        (_is_int(p["sparse_group_size"], 1), "sparse_group_size must be an integer >= 1"),
+        (_is_int(p["max_steps"], 0), "max_steps must be an integer >= 0"),
         (isinstance(p["offload"], bool), "offload must be true or false"),
         (p["dtype"] in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16"),
         (p["prob_dtype"] in ("float32", "float16"), "prob_dtype must be float32 or float16"),
@@ -501,7 +511,8 @@ class BernoulliPolicy:
                 for a, smp in zip(adv, samples):
                     if a != 0.0:
                         num += a * (smp.mask(b).float() - s32)
-                s.copy_(s32 - (self.lr / K) * num / (s32 * (1 - s32) + self.grad_eps))
+                step_ = (self.lr / K) * torch.nan_to_num(num / (s32 * (1 - s32) + self.grad_eps), posinf=0.0, neginf=0.0)
+                s.copy_((s32 - step_).clamp_(-_OUT, 1 + _OUT))
         self.project()
         return StepResult(losses, delta, False)
 
@@ -668,7 +679,7 @@ class _Engine:
         """Mean next-token cross-entropy of the batch; logits one sequence at a time."""
         self.sample = sample
         try:
-            ids = ids.to(self.device)
+            ids = ids.to(self.device, torch.long)
             hidden = self.model.model(input_ids=ids, use_cache=False).last_hidden_state
             total = torch.zeros((), dtype=torch.float64, device=self.device)
             for b in range(ids.shape[0]):
@@ -711,6 +722,8 @@ def allocate(pools: list[_alloc.MatrixPool], density: float, params: dict | None
 def allocate_with_info(pools, density, params, seed, model_dir, rpca_files, calib_ids, space="cap", device="cpu"):
     """As `allocate`, plus a dict of what happened (steps, losses, baselines, expected density)."""
     p = resolve_params(params)
+    if not pools:
+        raise GlrsError("CAP got no matrices: the RPCA files list no target matrix; rerun the decompose stage")
     budget = space_budget(pools, density, space)
     dev = torch.device(device)
     blocks = build_blocks(pools, space, p["sparse_group_size"])
@@ -740,6 +753,8 @@ def allocate_with_info(pools, density, params, seed, model_dir, rpca_files, cali
     if steps:
         if calib_ids.dim() != 2 or calib_ids.shape[1] < 2:
             raise GlrsError(f"calibration ids must be [nsamples, seqlen >= 2], got {tuple(calib_ids.shape)}")
+        if model_dir is None:
+            raise GlrsError("CAP needs the prepared model directory for its forward passes (model_dir is None)")
         dtype = getattr(torch, p["dtype"])
         factors = _read_factors(rpca_files, pools, space, dev, p["offload"])
         model, modules = _load_model(model_dir, factors, dev, dtype)

@@ -1,0 +1,355 @@
+"""CAP Stage 2 (glrs.cap): estimator, projection, final masks, determinism, spaces.
+
+The model-level tests run on a tiny random Llama (2 layers, hidden 32) decomposed
+by the real Stage 1 (pipeline.decompose_layer), on the CPU."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from glrs import allocate, cap, cas, modelio, pipeline
+from glrs.errors import GlrsError
+
+RPCA_PARAMS = {"lambda_scale": 1.0, "tol": 1e-7, "max_iter": 500, "rho": 1.5, "mu_factor": 1.25, "dtype": "float64"}
+FAST = {"epochs": 1, "batch_size": 2}  # 3 steps over 6 calibration sequences
+
+
+# ---- fixtures -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A saved tiny random Llama, its per-layer RPCA files, pools and calibration ids."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("cap_tiny")
+    model_dir = root / "model"
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    manifest = {"spec": str(model_dir), "source_kind": "hf_dir", "source_key": "test", "model_type": "llama",
+                "num_layers": 2, "dtype": "float32", "targets": {},
+                "fingerprint": modelio.checkpoint_fingerprint(model_dir)}
+    cas.write_json_atomic(model_dir / modelio.MANIFEST, manifest)
+    files = []
+    for layer in range(2):
+        out = root / f"layer_{layer}.safetensors"
+        pipeline.decompose_layer(str(model_dir), layer, RPCA_PARAMS, str(out), device="cpu")
+        files.append(str(out))
+    pools = allocate.load_pools(files)
+    ids = torch.randint(0, 96, (6, 24), generator=torch.Generator().manual_seed(1))
+    return {"model_dir": str(model_dir), "files": files, "pools": pools, "ids": ids,
+            "dense": sum(p.dense for p in pools)}
+
+
+def run(tiny, density, params=None, seed=0, space="cap"):
+    return cap.allocate_with_info(tiny["pools"], density, {**FAST, **(params or {})}, seed, tiny["model_dir"],
+                                  tiny["files"], tiny["ids"], space=space, device="cpu")
+
+
+def same(a: allocate.Allocation, b: allocate.Allocation) -> bool:
+    return all(torch.equal(a.rank_keep[k], b.rank_keep[k]) and torch.equal(a.sparse_keep[k], b.sparse_keep[k])
+               for k in a.rank_keep)
+
+
+# ---- (1) the policy-gradient estimator --------------------------------------------------------------------
+
+def test_reinforce_gradient_is_unbiased_for_a_known_loss():
+    """L(m) = sum_i w_i (1 - m_i) has dE[L]/ds_i = -w_i; the estimator's mean must match, with or without
+    a baseline subtracted."""
+    s = torch.tensor([0.2, 0.5, 0.8, 0.5])
+    w = torch.tensor([1.0, 2.0, 0.5, 0.0])
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.rand(40000, 4, generator=gen) < s
+    losses = ((1 - masks.float()) * w).sum(1)
+    for baseline in (0.0, 1.7):
+        est = cap.reinforce_grad(masks, s, (losses - baseline)[:, None], eps=0.0).mean(0)
+        assert torch.allclose(est, -w, atol=0.2), (baseline, est)
+    # the sign alone: a component whose removal hurts gets a negative gradient (its s will grow)
+    assert est[0] < -0.5 and est[1] < -1.0 and abs(float(est[3])) < 0.2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_policy_moves_probability_to_the_components_that_matter(seed):
+    """Mixed costs: a cost-4 component whose removal costs 1.0 of loss and one that does not matter, and
+    eight cost-1 entries of which two matter (0.5 each); budget 6 fits exactly the three that matter.
+    From uniform probabilities, REINFORCE + projection must find them (the loss is noisy)."""
+    w = [torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5, 0, 0, 0, 0, 0, 0])]
+    pol = cap.BernoulliPolicy([2, 8], [4, 1], 6, seed=seed, lr=0.05, baseline="ema", baseline_beta=0.8)
+    pol.init_uniform()
+    noise = torch.Generator().manual_seed(seed + 100)
+
+    def loss(sample):
+        dropped = sum(float((wb * (1 - sample.mask(b).float())).sum()) for b, wb in enumerate(w))
+        return dropped + 0.1 * float(torch.randn((), generator=noise))
+
+    start = [pol.probs(b).clone() for b in range(2)]
+    for _ in range(300):
+        res = pol.step(loss)
+        assert not res.skipped
+        assert abs(pol.expected_cost() - 6) < 1e-5
+    big, small = pol.probs(0), pol.probs(1)
+    assert float(big[0]) > float(start[0][0]) + 0.3 and float(big[0]) > float(big[1]) + 0.5
+    assert float(small[:2].min()) > float(small[2:].max()) + 0.3
+    keys = [cap.selection_keys(pol.probs(b), torch.zeros(pol.sizes[b])) for b in range(2)]
+    chosen = cap.greedy_select(keys, [4, 1], 6)
+    assert chosen[0].tolist() == [True, False]
+    assert chosen[1].tolist() == [True, True] + [False] * 6
+
+
+def test_non_finite_loss_skips_the_step():
+    pol = cap.BernoulliPolicy([4], [1], 2, seed=0)
+    pol.init_uniform()
+    before = pol.flat.clone()
+    res = pol.step(lambda s: float("nan"))
+    assert res.skipped and torch.equal(pol.flat, before)
+
+
+def test_leave_one_out_baseline_cancels_batch_difficulty():
+    """With loo, a loss offset shared by all masks of a step (the batch's difficulty) has no effect."""
+    w = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    runs = []
+    for offset in (0.0, 5.0):
+        pol = cap.BernoulliPolicy([4], [1], 2, seed=3, baseline="loo", samples_per_step=2)
+        pol.init_uniform()
+        for t in range(20):
+            pol.step(lambda s, t=t: float((w * (1 - s.mask(0).float())).sum()) + offset * (t % 3))
+        runs.append(pol.flat.clone())
+    assert torch.allclose(runs[0], runs[1], atol=1e-5)
+
+
+# ---- (2) the budget projection ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fraction", [0.0, 1e-4, 0.05, 0.37, 0.9, 0.9999, 1.0])
+@pytest.mark.parametrize("spread", [(0.0, 1.0), (-0.5, 1.5), (0.9, 3.0), (-2.0, 0.05)])
+def test_projection_is_exact_and_kkt(fraction, spread):
+    gen = torch.Generator().manual_seed(7)
+    costs = [1, 7, 300]
+    values = [torch.rand(n, generator=gen) * (spread[1] - spread[0]) + spread[0] for n in (5000, 300, 40)]
+    original = [v.clone() for v in values]
+    capacity = sum(c * v.numel() for v, c in zip(values, costs))
+    budget = fraction * capacity
+    tau = cap.project_budget(values, costs, budget)
+    total = sum(c * float(v.double().sum()) for v, c in zip(values, costs))
+    assert all(float(v.min()) >= 0 and float(v.max()) <= 1 for v in values)
+    assert abs(total - budget) <= 1e-6 * max(budget, 1.0)
+    if math.isfinite(tau):  # KKT form of the Euclidean projection: one shift tau per unit of cost
+        for v, v0, c in zip(values, original, costs):
+            assert torch.allclose(v, (v0.double() - tau * c).clamp(0, 1).float(), atol=1e-6)
+
+
+def test_projection_keeps_a_feasible_point_and_handles_edges():
+    v = [torch.full((10,), 0.25), torch.full((2,), 0.25)]
+    tau = cap.project_budget(v, [1, 5], 0.25 * (10 + 10))
+    assert abs(tau) < 1e-12 and all(torch.all(x == 0.25) for x in v)
+    single = [torch.tensor([3.0])]
+    cap.project_budget(single, [2], 1.0)
+    assert float(single[0]) == 0.5
+    empty_and_one = [torch.zeros(0), torch.tensor([0.1, 0.9])]
+    cap.project_budget(empty_and_one, [3, 1], 1.0)
+    assert abs(float(empty_and_one[1].sum()) - 1.0) < 1e-6
+    with pytest.raises(ValueError):
+        cap.project_budget([torch.rand(3)], [1], 3.5)
+    with pytest.raises(ValueError):
+        cap.project_budget([torch.rand(3)], [1], -1)
+
+
+def test_projection_exact_at_scale_in_float32():
+    """Millions of variables with the cost mix of a real model (components ~ 10^3, entries 1)."""
+    gen = torch.Generator().manual_seed(1)
+    values = [torch.rand(2_000_000, generator=gen) * 1.2 - 0.1, torch.rand(3000, generator=gen), torch.rand(900, generator=gen)]
+    costs = [1, 1152, 2112]
+    budget = 2_345_678
+    cap.project_budget(values, costs, budget)
+    total = sum(c * float(v.double().sum()) for v, c in zip(values, costs))
+    assert abs(total - budget) <= 1e-6 * budget
+
+
+# ---- (3) the final masks ---------------------------------------------------------------------------------------
+
+def _sequential_greedy(keys, costs, budget):
+    items = sorted((-int(k), i, j) for i, ks in enumerate(keys) for j, k in enumerate(ks.tolist()))
+    chosen = [torch.zeros(k.numel(), dtype=torch.bool) for k in keys]
+    rem = budget
+    for _, i, j in items:
+        if costs[i] <= rem:
+            chosen[i][j] = True
+            rem -= costs[i]
+    return chosen
+
+
+def test_greedy_select_equals_the_sequential_walk_with_ties():
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(40):
+        sizes = [int(x) for x in torch.randint(0, 30, (3,), generator=gen)]
+        costs = [1, 3, 7]
+        keys = [torch.randint(0, 6 if trial % 2 else 1 << 40, (n,), generator=gen) for n in sizes]
+        capacity = sum(n * c for n, c in zip(sizes, costs))
+        budget = int(torch.randint(0, capacity + 2, (1,), generator=gen))
+        got = cap.greedy_select(keys, costs, budget)
+        want = _sequential_greedy(keys, costs, budget)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), (trial, sizes, budget)
+        assert sum(int(g.sum()) * c for g, c in zip(got, costs)) <= budget
+
+
+def test_selection_keys_order_by_probability_then_score():
+    p = torch.tensor([0.5, 0.5, 1.0, 0.0, -0.0, 0.25])
+    sc = torch.tensor([1.0, 2.0, 0.0, 5.0, 6.0, 1e-30])
+    order = torch.argsort(cap.selection_keys(p, sc), descending=True, stable=True).tolist()
+    assert order == [2, 1, 0, 5, 4, 3]
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.93])
+def test_cap_masks_meet_the_budget(tiny, density):
+    alloc, info = run(tiny, density)
+    budget = allocate.budget_for(tiny["pools"], density)
+    kept = alloc.params_kept(tiny["pools"])
+    assert kept <= budget
+    assert abs(kept / tiny["dense"] - density) < 1e-3  # within 0.1 percentage points
+    assert budget - kept == 0  # entries (cost 1) fill the last gap exactly
+    assert info["steps"] == 3 and len(info["losses"]) == 3
+    assert abs(info["expected_density"] - budget / tiny["dense"]) < 1e-6
+    for p in tiny["pools"]:
+        assert alloc.rank_keep[p.name].dtype == torch.bool and alloc.rank_keep[p.name].shape == p.sigma.shape
+        assert alloc.sparse_keep[p.name].shape == p.s_abs.shape
+
+
+def test_grouped_sparse_entries_stay_whole_and_meet_the_budget(tiny):
+    G = 4
+    alloc, _ = run(tiny, 0.5, {"sparse_group_size": G})
+    budget = allocate.budget_for(tiny["pools"], 0.5)
+    kept = alloc.params_kept(tiny["pools"])
+    assert kept <= budget and abs(kept / tiny["dense"] - 0.5) < 1e-3
+    for p in tiny["pools"]:
+        keep = alloc.sparse_keep[p.name]
+        full = keep.numel() // G * G
+        groups = keep[:full].reshape(-1, G)
+        assert torch.all(groups.all(1) | ~groups.any(1))
+        tail = keep[full:]
+        assert tail.all() or not tail.any()
+
+
+def test_float16_probabilities_and_uniform_init(tiny):
+    alloc, _ = run(tiny, 0.4, {"prob_dtype": "float16", "init": "uniform"})
+    kept = alloc.params_kept(tiny["pools"])
+    assert kept <= allocate.budget_for(tiny["pools"], 0.4) and abs(kept / tiny["dense"] - 0.4) < 1e-3
+
+
+def test_without_steps_the_masks_are_the_greedy_energy_per_parameter_allocation(tiny):
+    """epochs 0: no model is needed; keeping by probability = keeping by sigma^2/(m+n) and v^2."""
+    pools = tiny["pools"]
+    alloc, info = cap.allocate_with_info(pools, 0.5, {"epochs": 0}, 0, None, tiny["files"], None)
+    assert info["steps"] == 0
+    blocks = cap.build_blocks(pools, "cap", 1)
+    score = cap.block_scores(pools, blocks)
+    keys = [cap.selection_keys(torch.ones(b.nvar), score(i)) for i, b in enumerate(blocks)]
+    want = cap.greedy_select(keys, [b.cost for b in blocks], allocate.budget_for(pools, 0.5))
+    for blk, w in zip(blocks, want):
+        got = (alloc.rank_keep if blk.kind == "rank" else alloc.sparse_keep)[pools[blk.matrix].name]
+        assert torch.equal(got, w)
+
+
+# ---- (4) determinism ---------------------------------------------------------------------------------------------
+
+def test_same_seed_same_masks_and_offload_changes_nothing(tiny):
+    a, ia = run(tiny, 0.5, seed=11)
+    b, ib = run(tiny, 0.5, seed=11)
+    c, ic = run(tiny, 0.5, {"offload": True}, seed=11)
+    assert same(a, b) and same(a, c)
+    assert ia["losses"] == ib["losses"] == ic["losses"]
+    _, other = run(tiny, 0.5, seed=12)
+    assert other["losses"] != ia["losses"]  # a different seed draws different masks
+
+
+def test_engine_loss_with_everything_kept_is_the_dense_loss(tiny):
+    """W~ with all masks on is L + S = W (to the RPCA tolerance): the hooked forward must reproduce the
+    dense model's own loss."""
+    from transformers import AutoModelForCausalLM
+
+    pools, dev = tiny["pools"], torch.device("cpu")
+    blocks = cap.build_blocks(pools, "cap", 1)
+    factors = cap._read_factors(tiny["files"], pools, "cap", dev, offload=False)
+    model, modules = cap._load_model(tiny["model_dir"], factors, dev, torch.float32)
+    mats = [cap._Matrix(p, modules[p.name], factors[p.name]) for p in pools]
+    for b, blk in enumerate(blocks):
+        if blk.kind == "rank":
+            mats[blk.matrix].rank_block = b
+        else:
+            mats[blk.matrix].sparse_blocks.append(b)
+
+    class AllOn:
+        def mask(self, b):
+            return torch.ones(blocks[b].nvar, dtype=torch.bool)
+
+    engine = cap._Engine(model, mats, blocks, dev, torch.float32)
+    got = engine.loss(tiny["ids"], AllOn())
+    engine.close()
+    dense = AutoModelForCausalLM.from_pretrained(tiny["model_dir"]).eval()
+    with torch.no_grad():
+        want = float(dense(input_ids=tiny["ids"], labels=tiny["ids"]).loss)
+    assert abs(got - want) < 1e-4
+
+
+# ---- (5) the restricted spaces ------------------------------------------------------------------------------------
+
+def test_lowrank_only_keeps_no_sparse_entry(tiny):
+    alloc, _ = run(tiny, 0.4, space="lowrank-only")
+    pools = tiny["pools"]
+    assert not any(bool(alloc.sparse_keep[p.name].any()) for p in pools)
+    assert any(bool(alloc.rank_keep[p.name].any()) for p in pools)
+    budget, kept = allocate.budget_for(pools, 0.4), alloc.params_kept(pools)
+    # components are indivisible: the gap is less than the cheapest component still out
+    assert 0 <= budget - kept < min(p.rank_cost for p in pools)
+
+
+def test_sparse_only_keeps_no_singular_component(tiny):
+    alloc, _ = run(tiny, 0.4, space="sparse-only")
+    pools = tiny["pools"]
+    assert not any(bool(alloc.rank_keep[p.name].any()) for p in pools)
+    assert alloc.params_kept(pools) == allocate.budget_for(pools, 0.4)
+
+
+def test_spaces_that_cannot_hold_the_budget_raise(tiny):
+    pools = tiny["pools"]
+    lowrank_cap = sum(p.sigma.numel() * p.rank_cost for p in pools) / tiny["dense"]
+    sparse_cap = sum(p.s_abs.numel() for p in pools) / tiny["dense"]
+    with pytest.raises(GlrsError, match="lambda_scale"):
+        cap.space_budget(pools, lowrank_cap + 0.05, "lowrank-only")
+    with pytest.raises(GlrsError, match="sparse-only"):
+        run(tiny, sparse_cap + 0.02, space="sparse-only")
+    with pytest.raises(GlrsError):
+        cap.space_budget(pools, 0.5, "dense-only")
+
+
+def test_parameters_are_validated():
+    assert cap.resolve_params({}) == cap.ALLOC_PARAMS_DEFAULTS
+    with pytest.raises(GlrsError, match="unknown"):
+        cap.resolve_params({"learning_rate": 0.1})
+    for bad in ({"lr": 0}, {"baseline": "loo"}, {"sparse_group_size": 0}, {"init": "random"}, {"dtype": "int8"}):
+        with pytest.raises(GlrsError):
+            cap.resolve_params(bad)
+
+
+def test_same_masks_regenerated_for_the_update():
+    """The update regenerates each block's mask from its seed: a sample must give the same mask twice."""
+    pol = cap.BernoulliPolicy([1000, 10], [1, 50], 600, seed=4)
+    pol.init_uniform()
+    smp = pol.sample(3, 0)
+    for b in range(2):
+        assert torch.equal(smp.mask(b), smp.mask(b))
+    assert not torch.equal(pol.sample(3, 0).mask(0), pol.sample(4, 0).mask(0))
+    assert [c for c, _, _ in pol.classes] == [1, 50]
+
+
+def test_float16_probabilities_survive_huge_steps():
+    """A rare-event REINFORCE step can be ~ lr * adv / s: float16 storage must stay finite and the
+    projection must still meet the budget."""
+    pol = cap.BernoulliPolicy([2000, 30], [1, 40], 700, seed=2, lr=5.0, grad_eps=0.0, prob_dtype=torch.float16)
+    pol.init_uniform()
+    for t in range(5):
+        res = pol.step(lambda s, t=t: 1e4 * (t % 2) + float(s.mask(0).float().mean()))
+        assert not res.skipped
+        assert bool(torch.isfinite(pol.flat).all()) and float(pol.flat.min()) >= 0 and float(pol.flat.max()) <= 1
+        assert abs(pol.expected_cost() - 700) < 700 * 1e-3  # float16 rounding of 2030 values
