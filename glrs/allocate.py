@@ -87,7 +87,8 @@ def budget_for(pools: list[MatrixPool], density: float) -> int:
     if budget > capacity:
         raise GlrsError(
             f"target density {density} cannot be met: Stage 1 left candidates worth at most {capacity / dense:.4f} of the dense "
-            "parameters; lower target_density or rerun RPCA with a smaller rpca.lambda_scale (more low-rank candidates)"
+            "parameters; lower target_density or rerun RPCA with a larger rpca.lambda_scale (a larger lambda leaves a higher-rank L, "
+            "and every singular component of L is a candidate)"
         )
     return budget
 

@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-info", type=_json, default={})
     s.add_argument("--out", required=True)
 
+    s = sub.add_parser("compress", help="run a baseline method (glrs.methods) at a target density")
+    s.add_argument("--model-dir", required=True)
+    s.add_argument("--calib", required=True)
+    s.add_argument("--method", required=True)
+    s.add_argument("--density", type=float, required=True)
+    s.add_argument("--params", type=_json, default={})
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--run-info", type=_json, default={})
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", required=True)
+
     s = sub.add_parser("evaluate-ppl", help="perplexity of a model directory")
     s.add_argument("--model", required=True)
     s.add_argument("--info", help="info.json of a compressed model")
@@ -108,6 +119,10 @@ def run(args: argparse.Namespace) -> None:
         print(f"{args.allocator}: target density {info['target_density']}, achieved {info['achieved_density']:.5f}")
     elif c == "materialize":
         pipeline.materialize(args.model_dir, args.rpca, args.masks, args.alloc_json, args.run_info, args.out)
+    elif c == "compress":
+        info = pipeline.compress_baseline(args.model_dir, args.calib, args.method, args.density, args.params, args.seed,
+                                          args.run_info, args.out, args.device)
+        print(f"{args.method}: target density {args.density}, achieved {info['achieved_density']:.5f}")
     elif c == "evaluate-ppl":
         rec = pipeline.evaluate_ppl(args.model, args.info, args.dataset, args.seqlen, args.max_tokens, args.dtype,
                                     args.out, args.device)

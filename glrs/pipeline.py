@@ -158,6 +158,39 @@ def materialize(model_dir: str, rpca_files: list[str], masks_file: str, alloc_js
     return info
 
 
+def compress_baseline(model_dir: str, calib_file: str, method: str, density: float, params: dict, seed: int,
+                      run_info: dict, out: str, device: str = "auto") -> dict:
+    """A baseline method (glrs.methods) at the same budget, written in the same layout as CAP's models."""
+    from transformers import AutoModelForCausalLM
+
+    from .methods import base, get_method
+
+    impl = get_method(method)
+    device = resolve_device(device)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    shapes = base.target_shapes(model)
+    result = impl.compress(model, load_calibration(calib_file), density, params, seed, device)
+    dense = sum(m * n for m, n in shapes.values())
+    manifest = modelio.read_manifest(model_dir)
+    info = {
+        **run_info,
+        "model": manifest["spec"],
+        "model_fp": manifest["fingerprint"],
+        "target_density": density,
+        "achieved_density": base.density_of(result.params_kept, shapes),
+        "params_kept": sum(result.params_kept.values()),
+        "params_dense": dense,
+        "details": result.details,
+    }
+    with cas.atomic_dir(out) as tmp:
+        if result.factors is not None:
+            compressed.save_factored(result.factors, tmp / compressed.FACTORED, info | {"shapes": {k: list(v) for k, v in shapes.items()}})
+        compressed.write_dense_export(Path(model_dir), result.weights, tmp / compressed.DENSE_DIR)
+        cas.write_json_atomic(tmp / "info.json", info)
+    return info
+
+
 def dense_run_info(model_dir: str) -> dict:
     """The uncompressed model as a row of the summary: method 'dense', density 1."""
     manifest = modelio.read_manifest(model_dir)

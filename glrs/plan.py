@@ -81,9 +81,19 @@ class Plan:
 
     def run_info(self, run: Run) -> dict:
         """What a compressed model's info.json records about how it was made (keys link it to its stages)."""
-        return {"method": run.method, "allocator": run.allocator, "seed": self.config["seed"],
-                "model_key": self.model_key, "rpca_key": self.rpca_key, "alloc_key": run.alloc_key,
+        info = {"method": run.method, "allocator": run.allocator, "seed": self.config["seed"], "model_key": self.model_key,
                 "comp_key": run.comp_key, "layers": self.layers}
+        if run.method == "cap":
+            return info | {"rpca_key": self.rpca_key, "alloc_key": run.alloc_key}
+        return info | {"calib_key": self.calib_key, "method_params": run.params}
+
+    @property
+    def cap_runs(self) -> list[Run]:
+        return [r for r in self.runs if r.method == "cap"]
+
+    @property
+    def baseline_runs(self) -> list[Run]:
+        return [r for r in self.runs if r.method != "cap"]
 
     @property
     def spectra_files(self) -> list[str]:
@@ -118,6 +128,22 @@ def _layers(config: dict, num_layers: int) -> list[int]:
     return sorted(config["layers"])
 
 
+BASELINE_VERSION = 1
+
+
+def _baseline_runs(config: dict, method: str, model_key: str, calib_key: str, layers: list[int], num_layers: int) -> list[Run]:
+    """Baselines compress every target matrix from the model and the shared calibration samples."""
+    if layers != list(range(num_layers)):
+        raise GlrsError(f"config key layers: method {method!r} compresses every layer; use layers: all, or methods: [cap] only")
+    params = dict(config.get("method_params", {}).get(method, {}))
+    out = []
+    for density in config["target_density"]:
+        comp_key = cas.key_of("compress", BASELINE_VERSION, {"model": model_key, "calib": calib_key},
+                              {"method": method, "density": density, "params": params, "seed": config["seed"]})
+        out.append(Run(method, "", density, "", comp_key, params))
+    return out
+
+
 def make_plan(config: dict) -> Plan:
     source = modelio.resolve_source(config["model"], config.get("model_revision", "main"))
     model_key = cas.key_of("model", modelio.PREPARE_VERSION, {"source": source.key}, {"dtype": config["dtype"]})
@@ -134,12 +160,17 @@ def make_plan(config: dict) -> Plan:
     runs = []
     for method in config["methods"]:
         if method != "cap":
-            raise GlrsError(f"config key methods: unknown method {method!r}")
+            runs += _baseline_runs(config, method, model_key, calib_key, layers, source.num_layers)
+            continue
         for allocator in config["allocators"]:
             params = dict(config.get("allocator_params", {}).get(allocator, {}))
             inputs = {"rpca": rpca_key, "layers": ",".join(map(str, layers))}
             if allocator in allocate.NEEDS_CALIBRATION:
-                inputs["calib"] = calib_key
+                from . import cap
+
+                # Hash the effective settings, defaults included, so a changed default is a new key.
+                params = cap.resolve_params(params)
+                inputs |= {"calib": calib_key, "cap_version": str(cap.CAP_VERSION)}
             for density in config["target_density"]:
                 alloc_key = cas.key_of("alloc", allocate.ALLOC_VERSION, inputs,
                                        {"allocator": allocator, "density": density, "params": params, "seed": config["seed"]})

@@ -9,6 +9,8 @@ rule materialize:
         masks=lambda wc: PLAN.alloc_masks(PLAN.run_by_comp_key(wc.comp_key)),
     output:
         directory(f"{RESULTS}/compressed/{{comp_key}}"),
+    wildcard_constraints:
+        comp_key=one_of(r.comp_key for r in PLAN.cap_runs),
     params:
         info=lambda wc: as_json(PLAN.run_info(PLAN.run_by_comp_key(wc.comp_key))),
     log:

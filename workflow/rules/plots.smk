@@ -3,7 +3,7 @@
 
 rule plot_allocation:
     input:
-        [PLAN.alloc_json(r) for r in PLAN.runs],
+        [PLAN.alloc_json(r) for r in PLAN.cap_runs],
     output:
         f"{RESULTS}/plots/allocation.png",
     shell:

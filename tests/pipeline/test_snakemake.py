@@ -1,0 +1,134 @@
+"""The whole workflow on a tiny random Llama: DAG shape, outputs, and the cache contract of DESIGN.md section 4."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+pytestmark = pytest.mark.pipeline
+
+HEAVY = {"prepare_model", "decompose", "calibrate", "allocate", "materialize", "evaluate_ppl"}
+
+
+def write_config(workdir: Path, model: Path, **overrides) -> Path:
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg.update(
+        model=str(model), device="cpu", target_density=[0.5], allocators=["uniform"],
+        rpca=dict(cfg["rpca"], tol=1e-5, max_iter=200),
+        calibration={"dataset": "pydoc", "nsamples": 4, "seqlen": 64},
+        evaluation={"datasets": ["pydoc"], "seqlen": 128, "max_tokens": 1024},
+        plots={"spectra_layers": [0, 2]},
+    )
+    for key, value in overrides.items():
+        cfg[key] = dict(cfg[key], **value) if isinstance(value, dict) else value
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def planned_jobs(workdir: Path) -> dict[str, int]:
+    """rule -> job count of a dry run ('Job stats' table); empty when there is nothing to do."""
+    out = snakemake(workdir, "-n").stdout
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_llama_dir):
+    wd = tmp_path_factory.mktemp("workflow")
+    write_config(wd, tiny_llama_dir)
+    return wd
+
+
+def test_dry_run_has_one_decompose_job_per_layer(workdir):
+    jobs = planned_jobs(workdir)
+    assert jobs["decompose"] == 3
+    assert jobs["prepare_model"] == jobs["allocate"] == jobs["materialize"] == 1
+    assert jobs["evaluate_ppl"] == 2  # dense and compressed
+    assert {"summarize", "plot_allocation", "plot_spectra"} <= set(jobs)
+
+
+def test_run_leaves_every_output(workdir):
+    snakemake(workdir)
+    res = workdir / "results"
+    rpca = sorted(res.glob("rpca/*/*/layer_*.safetensors"))
+    assert len(rpca) == 3
+    from safetensors import safe_open
+
+    with safe_open(str(rpca[0]), framework="pt") as f:
+        assert {"q.U", "q.sigma", "q.V", "q.S_values", "q.S_index"} <= set(f.keys())
+    alloc = json.loads(next(res.glob("alloc/*.json")).read_text())
+    assert {"rank", "nnz"} <= set(next(iter(alloc["matrices"].values())))
+    comp = next(res.glob("compressed/*"))
+    assert (comp / "factored.safetensors").is_file()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(comp / "hf")
+    rows = list(csv.DictReader((res / "summary.csv").open()))
+    by_method = {r["method"]: r for r in rows}
+    assert set(by_method) == {"dense", "cap"}
+    assert float(by_method["cap"]["target_density"]) == 0.5
+    assert abs(float(by_method["cap"]["achieved_density"]) - 0.5) < 1e-3
+    for r in rows:
+        assert float(r["ppl_pydoc"]) > 1
+        assert float(r["seconds_evaluate_ppl"]) > 0
+    assert float(by_method["cap"]["seconds_decompose"]) > 0
+    for png in ("allocation.png", "spectra.png"):
+        assert (res / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(res.rglob("*.tmp"))
+
+
+def test_nothing_to_do_on_rerun(workdir):
+    assert planned_jobs(workdir) == {}
+
+
+def test_changing_density_reuses_every_decomposition(workdir, tiny_llama_dir):
+    write_config(workdir, tiny_llama_dir, target_density=[0.3])
+    jobs = planned_jobs(workdir)
+    assert "decompose" not in jobs and "prepare_model" not in jobs
+    assert jobs["allocate"] == jobs["materialize"] == jobs["evaluate_ppl"] == 1
+    snakemake(workdir)
+    rows = list(csv.DictReader((workdir / "results" / "summary.csv").open()))
+    assert sorted(float(r["target_density"]) for r in rows) == [0.3, 0.5, 1.0]  # the whole tree, old runs included
+
+
+def test_rpca_parameter_change_is_new_keys_and_revert_is_free(workdir, tiny_llama_dir):
+    before = set((workdir / "results").glob("rpca/*/*/layer_*.safetensors"))
+    write_config(workdir, tiny_llama_dir, target_density=[0.3], rpca={"tol": 1e-4})
+    assert planned_jobs(workdir)["decompose"] == 3
+    snakemake(workdir)
+    after = set((workdir / "results").glob("rpca/*/*/layer_*.safetensors"))
+    assert before < after and len(after) == 6  # new keys; the old factors stay on disk
+    write_config(workdir, tiny_llama_dir, target_density=[0.3])
+    # Back to the old parameters: every heavy stage is found again. Only the aggregates over the
+    # current plan (summary table and plots, seconds) are redrawn, because their input set changed.
+    assert not set(planned_jobs(workdir)) & HEAVY
+
+
+def test_bad_config_stops_before_any_job(workdir, tiny_llama_dir):
+    write_config(workdir, tiny_llama_dir, target_density=[1.5])
+    proc = snakemake(workdir, "-n", check=False)
+    assert proc.returncode != 0
+    assert "target_density" in proc.stdout + proc.stderr and "<= 1" in proc.stdout + proc.stderr
+    write_config(workdir, tiny_llama_dir, layers=[7])
+    proc = snakemake(workdir, "-n", check=False)
+    assert proc.returncode != 0 and "out of range" in proc.stdout + proc.stderr
