@@ -43,13 +43,16 @@ DENSITY_TOLERANCE = 1e-3  # 0.1 percentage points, overall
 class LayerStats:
     """Statistics of the INPUT x (dimension n) of one target linear over all calibration tokens."""
 
-    H: torch.Tensor  # [n, n] float64: sum over tokens of x x^T
+    H: torch.Tensor | None  # [n, n] float64: sum over tokens of x x^T (None when only the diagonal was asked for)
     abs_mean: torch.Tensor  # [n] float64: mean over tokens of |x_j|
     tokens: int  # number of tokens summed
+    diag: torch.Tensor | None = None  # [n] float64 sum of x_j^2, set when H is None (moments="diag")
 
     @property
     def sq_norm(self) -> torch.Tensor:
         """[n] ||X_j||_2^2 = diag(H)."""
+        if self.H is None:
+            return self.diag.clone()
         return torch.diagonal(self.H).clone()
 
     @property
@@ -58,7 +61,8 @@ class LayerStats:
         return self.sq_norm.clamp_min(0).sqrt()
 
     def to(self, device) -> "LayerStats":
-        return LayerStats(self.H.to(device), self.abs_mean.to(device), self.tokens)
+        return LayerStats(None if self.H is None else self.H.to(device), self.abs_mean.to(device), self.tokens,
+                          None if self.diag is None else self.diag.to(device))
 
 
 @dataclass
@@ -202,12 +206,15 @@ def _layer_out(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _run_layer(layer, inps, outs, kw, batch_size, hooks: dict[str, nn.Linear] | None = None) -> dict[str, LayerStats]:
+def _run_layer(layer, inps, outs, kw, batch_size, hooks: dict[str, nn.Linear] | None = None,
+               moments: str = "full") -> dict[str, LayerStats]:
     """outs <- layer(inps); with hooks, accumulate LayerStats of the named linears' inputs.
 
     Linears that receive the very same input tensor (q, k, v; gate, up) share
-    one LayerStats object: it is computed once.
+    one LayerStats object: it is computed once. moments="diag" accumulates
+    only diag(H) (LayerStats.H is None): n instead of n^2 work per token.
     """
+    full = moments == "full"
     acc: dict[str, list] = {}
     last = {"x": None, "acc": None}
     handles = []
@@ -221,10 +228,14 @@ def _run_layer(layer, inps, outs, kw, batch_size, hooks: dict[str, nn.Linear] | 
             x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
             if short not in acc:
                 n = x2.shape[1]
-                acc[short] = [torch.zeros(n, n, dtype=torch.float64, device=x2.device),
+                acc[short] = [torch.zeros(n, n, dtype=torch.float64, device=x2.device) if full else
+                              torch.zeros(n, dtype=torch.float64, device=x2.device),
                               torch.zeros(n, dtype=torch.float64, device=x2.device), 0]
             a = acc[short]
-            a[0].addmm_(x2.T, x2)
+            if full:
+                a[0].addmm_(x2.T, x2)
+            else:
+                a[0].add_((x2 * x2).sum(0))
             a[1].add_(x2.abs().sum(0))
             a[2] += x2.shape[0]
             last["x"], last["acc"] = x, a
@@ -244,14 +255,17 @@ def _run_layer(layer, inps, outs, kw, batch_size, hooks: dict[str, nn.Linear] | 
     for short, a in acc.items():
         key = id(a)
         if key not in made:
-            made[key] = LayerStats(a[0], a[1] / max(a[2], 1), a[2])
+            if full:
+                made[key] = LayerStats(a[0], a[1] / max(a[2], 1), a[2])
+            else:
+                made[key] = LayerStats(None, a[1] / max(a[2], 1), a[2], diag=a[0])
         stats[short] = made[key]
     return stats
 
 
 def sequential_layers(model, calib_ids: torch.Tensor, device: str, compress_layer: CompressLayer, *,
                       groups: Iterable[Iterable[str]] | None = None, propagate: str = "compressed",
-                      batch_size: int = 4) -> None:
+                      batch_size: int = 4, moments: str = "full") -> None:
     """Layer-sequential calibration and compression, in place.
 
     For each decoder layer i, for each group of targets (default: one group
@@ -265,9 +279,13 @@ def sequential_layers(model, calib_ids: torch.Tensor, device: str, compress_laye
 
     `propagate="dense"` feeds layer i+1 the outputs of the *dense* layer i
     instead (statistics of the dense model, as SVD-LLM and ASVD collect them);
-    it needs a single group. Layers are moved to `device` one at a time and
+    it needs a single group. `moments="diag"` collects only diag(H) (the
+    column norms Wanda and OATS need; LayerStats.H is then None), which saves
+    the n x n accumulation. Layers are moved to `device` one at a time and
     back to where they were. Statistics are on `device`.
     """
+    if moments not in ("full", "diag"):
+        raise ValueError(f"moments must be 'full' or 'diag', not {moments!r}")
     if propagate not in ("compressed", "dense"):
         raise ValueError(f"propagate must be 'compressed' or 'dense', not {propagate!r}")
     groups = [list(g) for g in (groups or [SHORTS])]
@@ -287,7 +305,7 @@ def sequential_layers(model, calib_ids: torch.Tensor, device: str, compress_laye
             mods = target_modules(layer)
             changed_after_pass = False
             for group in groups:
-                stats = _run_layer(layer, inps, outs, kwargs[i], batch_size, {s: mods[s] for s in group})
+                stats = _run_layer(layer, inps, outs, kwargs[i], batch_size, {s: mods[s] for s in group}, moments)
                 changed_after_pass = False
                 new = compress_layer(i, layer, stats) or {}
                 for short, w in new.items():

@@ -154,7 +154,7 @@ class OATSMethod:
                                     "density": kept[name] / (m * n)}
             return new
 
-        sequential_layers(model, calib_ids, device, compress_layer, batch_size=int(p["batch_size"]))
+        sequential_layers(model, calib_ids, device, compress_layer, batch_size=int(p["batch_size"]), moments="diag")
         return finish(model, self.name, density, kept, {"params": p, "seed": seed, "matrices": per_matrix,
                                                          "calibration_tokens": int(calib_ids.numel())}, factors)
 

@@ -68,7 +68,7 @@ class Wanda:
                 per_matrix[name] = {"nnz": kept[name], "density": kept[name] / W.numel()}
             return new
 
-        sequential_layers(model, calib_ids, device, compress_layer, batch_size=int(p["batch_size"]))
+        sequential_layers(model, calib_ids, device, compress_layer, batch_size=int(p["batch_size"]), moments="diag")
         return finish(model, self.name, density, kept, {"params": p, "seed": seed, "matrices": per_matrix,
                                                          "calibration_tokens": int(calib_ids.numel())})
 

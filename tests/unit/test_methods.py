@@ -426,3 +426,14 @@ def test_true_sequential_groups_see_compressed_predecessors(calib_ids):
     assert [c[1] for c in calls[:4]] == [sorted(g) for g in TRUE_SEQUENTIAL_GROUPS]
     o_stats = calls[1][2]["o"]
     assert float(o_stats.H.abs().max()) == 0.0  # v = 0 makes the attention output, o's input, zero
+
+
+def test_diagonal_moments_match_full(calib_ids):
+    full, diag = {}, {}
+    sequential_layers(tiny_llama(), calib_ids, "cpu", lambda i, l, s: full.__setitem__(i, s) or {})
+    sequential_layers(tiny_llama(), calib_ids, "cpu", lambda i, l, s: diag.__setitem__(i, s) or {}, moments="diag")
+    for i in full:
+        for s in TARGETS:
+            assert diag[i][s].H is None
+            torch.testing.assert_close(diag[i][s].sq_norm, full[i][s].sq_norm, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(diag[i][s].abs_mean, full[i][s].abs_mean)
