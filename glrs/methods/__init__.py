@@ -55,6 +55,28 @@ class _LazyMethods(Mapping):
 METHODS: Mapping[str, Method] = _LazyMethods(_REGISTRY)
 
 
+def method_defaults(name: str) -> dict:
+    """The method's parameters and their defaults (its `defaults` attribute, else its module's DEFAULTS)."""
+    impl = get_method(name)
+    found = getattr(impl, "defaults", None)
+    if found is None:
+        found = getattr(importlib.import_module(type(impl).__module__), "DEFAULTS", {})
+    return dict(found)
+
+
+def effective_params(name: str, params: dict | None) -> dict:
+    """Defaults updated with `params`, unknown names rejected: hash this, so a changed default is a new key."""
+    from .base import resolve_params
+
+    return resolve_params(name, params, method_defaults(name))
+
+
+def method_version(name: str) -> int:
+    """The method's algorithm version (its `version` attribute, else its module's VERSION, else 1)."""
+    impl = get_method(name)
+    return int(getattr(impl, "version", getattr(importlib.import_module(type(impl).__module__), "VERSION", 1)))
+
+
 def get_method(name: str) -> Method:
     if name not in _REGISTRY:
         raise GlrsError(f"unknown compression method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
@@ -64,4 +86,4 @@ def get_method(name: str) -> Method:
         raise GlrsError(f"compression method {name!r} is registered but cannot be loaded: {e}") from e
 
 
-__all__ = ["METHODS", "get_method", "LayerStats", "Method", "MethodOutput", "collect_stats", "sequential_layers"]
+__all__ = ["METHODS", "get_method", "method_defaults", "effective_params", "method_version", "LayerStats", "Method", "MethodOutput", "collect_stats", "sequential_layers"]

@@ -26,6 +26,8 @@ DEFAULTS = {"nm": None}
 
 class Magnitude:
     name = "magnitude"
+    defaults = DEFAULTS
+    version = 1  # bump when the algorithm changes: compressed outputs get new keys
 
     def compress(self, model, calib_ids: torch.Tensor | None, density: float, params: dict, seed: int,
                  device: str) -> MethodOutput:

@@ -127,6 +127,8 @@ def oats_decompose(W: torch.Tensor, col_norm: torch.Tensor, rank: int, nnz: int,
 
 class OATSMethod:
     name = "oats"
+    defaults = DEFAULTS
+    version = 1  # bump when the algorithm changes: compressed outputs get new keys
 
     def compress(self, model, calib_ids: torch.Tensor, density: float, params: dict, seed: int,
                  device: str) -> MethodOutput:

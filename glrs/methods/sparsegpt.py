@@ -110,6 +110,8 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, density: float, nm: tuple[
 
 class SparseGPT:
     name = "sparsegpt"
+    defaults = DEFAULTS
+    version = 1  # bump when the algorithm changes: compressed outputs get new keys
 
     def compress(self, model, calib_ids: torch.Tensor, density: float, params: dict, seed: int,
                  device: str) -> MethodOutput:

@@ -112,6 +112,7 @@ class _LowRank:
     name = ""
     needs_calibration = False
     defaults: dict = {}
+    version = 1  # bump when the algorithm changes: compressed outputs get new keys
 
     def compress(self, model, calib_ids: torch.Tensor | None, density: float, params: dict, seed: int,
                  device: str) -> MethodOutput:

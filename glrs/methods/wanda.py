@@ -45,6 +45,8 @@ def wanda_mask(W: torch.Tensor, stats: LayerStats, density: float, nm: tuple[int
 
 class Wanda:
     name = "wanda"
+    defaults = DEFAULTS
+    version = 1  # bump when the algorithm changes: compressed outputs get new keys
 
     def compress(self, model, calib_ids: torch.Tensor, density: float, params: dict, seed: int,
                  device: str) -> MethodOutput:

@@ -13,7 +13,7 @@ import torch
 
 from glrs.compressed import compose
 from glrs.errors import GlrsError
-from glrs.methods import METHODS, get_method
+from glrs.methods import METHODS, effective_params, get_method, method_version
 from glrs.methods.base import (LayerStats, allocate_ranks, collect_stats, row_topk_mask, sequential_layers,
                                split_count, target_modules, target_shapes)
 from glrs.methods.oats import oats_budget, oats_decompose
@@ -132,6 +132,11 @@ def test_registry_and_parameter_errors(calib_ids):
         get_method("sparsegpt").compress(tiny_llama(), calib_ids, 0.5, {"block_size": 64}, 0, "cpu")
     with pytest.raises(GlrsError, match="density"):
         get_method("magnitude").compress(tiny_llama(), calib_ids, 1.5, {}, 0, "cpu")
+    assert effective_params("sparsegpt", {"percdamp": 0.1})["percdamp"] == 0.1
+    assert effective_params("sparsegpt", {})["blocksize"] == 128  # defaults are part of what gets hashed
+    with pytest.raises(GlrsError, match="iterations"):
+        effective_params("oats", {"iters": 3})
+    assert all(method_version(n) >= 1 for n in ("magnitude", "wanda", "sparsegpt", "svd", "asvd", "svdllm", "oats"))
 
 
 # ---- budget helpers ----------------------------------------------------------------------------------
