@@ -34,9 +34,16 @@ lm-eval's `HFLM` and calls `lm_eval.simple_evaluate` on named tasks:
                    (multiple_choice; chance 25%).
 
 No example uses a sentence that also occurs in the calibration half.
+
+With the default n=300 per task (lastword 300, nextsent 300 x 2 choices, cloze
+300 x 4 choices = 2100 loglikelihood requests), the dense SmolLM2-135M-Instruct
+(float32, CPU) scores lastword acc 0.517, nextsent acc 0.733 / acc_norm 0.770,
+cloze acc 0.853 / acc_norm 0.857 (chance: ~0, 0.5, 0.25); the run took about
+12 CPU-minutes (22 min wall on 2 heavily shared cores). Pass `limit` for a quick look.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -178,6 +185,7 @@ def _select(cands: list[dict], n: int, group_key: str) -> list[dict]:
 
 # ---- the three tasks ------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=4)
 def _prepare(dataset: str):
     from . import data
 
@@ -199,7 +207,7 @@ def _fresh_block(block: str, calib: str) -> bool:
     return all(len(p) < 30 or _norm(p) not in calib for p in pieces)
 
 
-def _lastword(docs, calib: str, min_words: int = 50) -> list[dict]:
+def _lastword(docs, calib: str, min_words: int = 50, max_words: int = 150) -> list[dict]:
     cands = []
     for name, doc in docs:
         blocks = list(_blocks(doc))
@@ -221,22 +229,23 @@ def _lastword(docs, calib: str, min_words: int = 50) -> list[dict]:
                 pos = bs + _raw_offset(doc[bs:be], sum(not c.isspace() for c in par[:idx]))
                 assert doc[pos:pos + len(word)] == word
                 bj = bi
-                while bj > 0 and fresh[bj - 1] and len(doc[blocks[bj][0]:pos].split()) < min_words:
+                # whole blocks back to the first that gives >= min_words (passages stay <= max_words)
+                while (bj > 0 and fresh[bj - 1] and len(doc[blocks[bj][0]:pos].split()) < min_words
+                       and len(doc[blocks[bj - 1][0]:pos].split()) <= max_words):
                     bj -= 1
                 context = doc[blocks[bj][0]:pos].rstrip()
-                if len(context.split()) < min_words or word.lower() not in set(_words(context)):
+                nwords = len(context.split())
+                if not min_words <= nwords <= max_words or word.lower() not in set(_words(context)):
                     continue
                 cands.append({"context": context, "target": word, "doc": name,
                               "_h": _digest("lw", name, context, word), "_g": f"{name}/{bi}"})
     return cands
 
 
-def _nextsent(pars) -> list[dict]:
-    pool = [(name, s) for name, _, sents, fresh in pars for s, f in zip(sents, fresh) if f and len(s.split()) >= 6]
-    by_doc_text = {}
-    for name, _, sents, _ in pars:
-        by_doc_text.setdefault(name, []).extend(sents)
-    by_doc_text = {k: _norm(" ".join(v)) for k, v in by_doc_text.items()}
+def _nextsent(docs, pars) -> list[dict]:
+    doc_text = {name: _norm(text) for name, text in docs}
+    pool = sorted({s for _, _, sents, fresh in pars for s, f in zip(sents, fresh) if f and len(s.split()) >= 6})
+    where = {s: {d for d, t in doc_text.items() if _norm(s) in t} for s in pool}  # documents quoting s
     cands = []
     for name, j, sents, fresh in pars:
         for i in range(len(sents) - 1):
@@ -245,10 +254,10 @@ def _nextsent(pars) -> list[dict]:
                 continue
             h = _digest("ns", a, b)
             rng = _rng(h)
-            near = [s for d, s in pool if d != name and abs(len(s) - len(b)) <= 0.2 * len(b) and _norm(s) not in by_doc_text[name]]
+            near = [s for s in pool if name not in where[s] and abs(len(s) - len(b)) <= 0.2 * len(b)]
             if not near:
                 continue
-            wrong = rng.choice(sorted(set(near)))
+            wrong = rng.choice(near)
             label = rng.randrange(2)
             choices = [b, wrong] if label == 0 else [wrong, b]
             cands.append({"context": a, "choices": choices, "label": label, "doc": name, "_h": h, "_g": f"{name}/{j}"})
@@ -353,7 +362,7 @@ def build_offline_tasks(out_dir: str | os.PathLike, dataset: str = "pydoc", n: i
     docs, pars, source, calib = _prepare(dataset)
     sets = {
         "glrs_lastword": _select(_lastword(docs, calib), n, "_g"),
-        "glrs_nextsent": _select(_nextsent(pars), n, "_g"),
+        "glrs_nextsent": _select(_nextsent(docs, pars), n, "_g"),
         "glrs_cloze": _select(_cloze(pars, source), n, "_g"),
     }
     for name, rows in sets.items():
@@ -364,12 +373,12 @@ def build_offline_tasks(out_dir: str | os.PathLike, dataset: str = "pydoc", n: i
     h = hashlib.sha256(f"glrs-zeroshot-tasks v{TASKGEN_VERSION}\n".encode())
     manifest = {"version": TASKGEN_VERSION, "dataset": dataset, "n": n, "tasks": {}}
     for name, rows in sets.items():
-        body = "".join(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False, sort_keys=True) + "\n"
+        body = "".join(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, sort_keys=True) + "\n"
                        for r in rows).encode()
         template = _YAML[name]
         h.update(f"{name}\0".encode() + body + template.encode())
         jsonl = out / f"{name}.jsonl"
-        cas.write_text_atomic(jsonl, body.decode())
+        cas.write_text_atomic(jsonl, body.decode("ascii"))
         yaml_text = template.format(data=json.dumps(str(jsonl.resolve())), version=TASKGEN_VERSION, source=json.dumps(dataset))
         cas.write_text_atomic(out / f"{name}.yaml", yaml_text)
         manifest["tasks"][name] = {"examples": len(rows), "sha256": hashlib.sha256(body).hexdigest()}
@@ -434,7 +443,8 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
                 task_dir = tmp
                 fingerprint = build_offline_tasks(task_dir, dataset=dataset, n=n)
             else:
-                fingerprint = json.loads((Path(task_dir) / "glrs_tasks.json").read_text())["fingerprint"]
+                built = json.loads((Path(task_dir) / "glrs_tasks.json").read_text())
+                fingerprint, dataset, n = built["fingerprint"], built["dataset"], built["n"]
         manager = TaskManager(include_path=str(task_dir) if offline else None, include_defaults=bool(online))
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = lm_eval.simple_evaluate(
@@ -447,7 +457,7 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
         res = out["results"].get(t)
         if res is None:
             raise GlrsError(f"lm-eval returned no result for task {t!r}")
-        entry = {m: _metric(res, m) for m in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}
+        entry = {m: _metric(res, m) for m in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "perplexity")}
         entry = {k: v for k, v in entry.items() if v is not None}
         ns = out.get("n-samples", {}).get(t, {})
         entry["examples"] = int(ns.get("effective", ns.get("original", 0)))
