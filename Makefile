@@ -19,6 +19,7 @@ demo: install
 	$(BIN)/glrs summary results/summary.csv
 
 test: install
+	bash tests/system-deps.sh
 	$(BIN)/python -m pytest -ra
 
 .PHONY: install demo test

@@ -13,24 +13,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import allocate, cas, compressed, data, modelio, rpca
+from . import allocate, cas, compressed, data, gpuslots, modelio, rpca
 from .errors import GlrsError
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise GlrsError("device 'cuda' was asked for but torch sees no GPU; set device: auto or cpu")
-    return device
 
 
 # ---- Stage 1 ---------------------------------------------------------------------------------
 
 def decompose_layer(model_dir: str, layer: int, params: dict, out: str, device: str = "auto") -> dict:
     """RPCA of the seven target matrices of one layer; reads only that layer from disk."""
-    device = resolve_device(device)
     weights = modelio.read_layer(model_dir, layer)
+    with gpuslots.device_slot(device) as dev:
+        return _decompose(weights, layer, params, out, dev)
+
+
+def _decompose(weights: dict[str, torch.Tensor], layer: int, params: dict, out: str, device: str) -> dict:
     tensors, matrices = {}, {}
     for short, W in weights.items():
         lam = params["lambda_scale"] * rpca.default_lambda(tuple(W.shape))
@@ -102,8 +98,9 @@ def run_allocator(rpca_files: list[str], allocator: str, density: float, params:
     elif allocator in allocate.NEEDS_CALIBRATION:
         from . import cap
 
-        alloc = cap.allocate(pools, density, params, seed, model_dir, rpca_files, load_calibration(calib_file),
-                             space=allocator, device=resolve_device(device))
+        with gpuslots.device_slot(device) as dev:
+            alloc = cap.allocate(pools, density, params, seed, model_dir, rpca_files, load_calibration(calib_file),
+                                 space=allocator, device=dev)
     else:
         raise GlrsError(f"unknown allocator {allocator!r}; use one of {', '.join(allocate.ALLOCATORS)}")
     info = allocate.summarize(pools, alloc, density)
@@ -166,11 +163,11 @@ def compress_baseline(model_dir: str, calib_file: str, method: str, density: flo
     from .methods import base, get_method
 
     impl = get_method(method)
-    device = resolve_device(device)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     shapes = base.target_shapes(model)
-    result = impl.compress(model, load_calibration(calib_file), density, params, seed, device)
+    with gpuslots.device_slot(device) as dev:
+        result = impl.compress(model, load_calibration(calib_file), density, params, seed, dev)
     dense = sum(m * n for m, n in shapes.values())
     manifest = modelio.read_manifest(model_dir)
     info = {
@@ -208,11 +205,11 @@ def evaluate_ppl(model_path: str, info_file: str | None, dataset: str, seqlen: i
 
     from . import evaluate
 
-    device = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     text = data.load_text(dataset, "evaluation")
-    result = evaluate.perplexity(model, data.tokenize(tokenizer, text), seqlen, max_tokens, device)
+    with gpuslots.device_slot(device) as dev:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(dev).eval()
+        result = evaluate.perplexity(model, data.tokenize(tokenizer, text), seqlen, max_tokens, dev)
     run = json.loads(Path(info_file).read_text()) if info_file else dense_run_info(model_path)
     record = {**run, "dataset": dataset, "split": text.split, "text_sha256": text.fingerprint, **result}
     cas.write_json_atomic(out, record)

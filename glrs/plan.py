@@ -135,10 +135,14 @@ def _baseline_runs(config: dict, method: str, model_key: str, calib_key: str, la
     """Baselines compress every target matrix from the model and the shared calibration samples."""
     if layers != list(range(num_layers)):
         raise GlrsError(f"config key layers: method {method!r} compresses every layer; use layers: all, or methods: [cap] only")
-    params = dict(config.get("method_params", {}).get(method, {}))
+    from . import methods
+
+    # Unknown settings stop the plan here; defaults are hashed too, so a changed default is a new key.
+    params = methods.effective_params(method, config.get("method_params", {}).get(method, {}))
+    version = {"pipeline": str(BASELINE_VERSION), "method": str(methods.method_version(method))}
     out = []
     for density in config["target_density"]:
-        comp_key = cas.key_of("compress", BASELINE_VERSION, {"model": model_key, "calib": calib_key},
+        comp_key = cas.key_of("compress", BASELINE_VERSION, {"model": model_key, "calib": calib_key} | version,
                               {"method": method, "density": density, "params": params, "seed": config["seed"]})
         out.append(Run(method, "", density, "", comp_key, params))
     return out

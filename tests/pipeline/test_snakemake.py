@@ -28,7 +28,7 @@ def write_config(workdir: Path, model: Path, **overrides) -> Path:
         plots={"spectra_layers": [0, 2]},
     )
     for key, value in overrides.items():
-        cfg[key] = dict(cfg[key], **value) if isinstance(value, dict) else value
+        cfg[key] = dict(cfg.get(key, {}), **value) if isinstance(value, dict) else value
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

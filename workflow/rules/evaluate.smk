@@ -20,6 +20,8 @@ rule evaluate_ppl:
         max_tokens=lambda wc: f"--max-tokens {config['evaluation']['max_tokens']}" if config["evaluation"].get("max_tokens") else "",
         dtype=config["dtype"],
         device=config["device"],
+    resources:
+        gpu=1,
     log:
         f"{RESULTS}/logs/evaluate_ppl/{{target}}/{{dataset}}-{{eval_key}}.log",
     benchmark:
