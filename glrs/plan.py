@@ -84,7 +84,7 @@ class Plan:
         info = {"method": run.method, "allocator": run.allocator, "seed": self.config["seed"], "model_key": self.model_key,
                 "comp_key": run.comp_key, "layers": self.layers}
         if run.method == "cap":
-            return info | {"rpca_key": self.rpca_key, "alloc_key": run.alloc_key}
+            return info | {"rpca_key": self.rpca_key, "alloc_key": run.alloc_key, "rpca_lambda_scale": self.rpca_params["lambda_scale"]}
         return info | {"calib_key": self.calib_key, "method_params": run.params}
 
     @property

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from . import cas
 
-ID_COLUMNS = ["model", "model_fp", "method", "allocator", "target_density", "achieved_density", "params_kept", "seed"]
+ID_COLUMNS = ["model", "model_fp", "method", "allocator", "rpca_lambda_scale", "target_density", "achieved_density",
+              "params_kept", "seed"]
 STAGES = ["prepare_model", "decompose", "calibrate", "allocate", "materialize", "compress", "evaluate_ppl", "evaluate_zeroshot"]
 
 

@@ -5,7 +5,7 @@ rule prepare_model:
     output:
         directory(PLAN.model_dir),
     params:
-        spec=PLAN.source.location if PLAN.source.kind != "hub" else PLAN.source.spec,
+        spec=config["model"],
         dtype=config["dtype"],
         revision=config.get("model_revision", "main"),
     log:
