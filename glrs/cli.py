@@ -77,9 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True)
 
+    s = sub.add_parser("evaluate-zeroshot", help="lm-eval zero-shot accuracy of a model directory")
+    s.add_argument("--model", required=True)
+    s.add_argument("--info", help="info.json of a compressed model")
+    s.add_argument("--tasks", nargs="+", required=True)
+    s.add_argument("--limit", type=int, help="examples per task (default: all)")
+    s.add_argument("--dtype", default="float32")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+
     s = sub.add_parser("summarize", help="gather every metrics file under the results tree into summary.csv")
     s.add_argument("--results", default="results")
     s.add_argument("--out", required=True)
+
+    s = sub.add_parser("verify", help="recompute a sample of cached decompositions and compare them bit for bit")
+    s.add_argument("--results", default="results")
+    s.add_argument("--sample", type=int, default=2)
+    s.add_argument("--seed", type=int, default=0)
 
     s = sub.add_parser("summary", help="print summary.csv as a table")
     s.add_argument("csv", nargs="?", default="results/summary.csv")
@@ -92,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-dir", required=True)
     s.add_argument("--rpca", nargs="+", required=True)
     s.add_argument("--out", required=True)
+
+    for name, what in (("plot-ppl", "perplexity vs density"), ("plot-zeroshot", "mean zero-shot accuracy vs density")):
+        s = sub.add_parser(name, help=f"{what}, one line per method, from summary.csv")
+        s.add_argument("--summary", required=True)
+        s.add_argument("--out", required=True)
+
+    s = sub.add_parser("plot-stage-times", help="wall time per rule from Snakemake's benchmark files")
+    s.add_argument("--bench", default="results/bench")
+    s.add_argument("--out", required=True)
+
+    s = sub.add_parser("versions", help="software versions (CSV) and the effective config (YAML) for the report")
+    s.add_argument("--config-json", type=_json, required=True)
+    s.add_argument("--csv-out", required=True)
+    s.add_argument("--config-out", required=True)
     return p
 
 
@@ -127,10 +156,22 @@ def run(args: argparse.Namespace) -> None:
         rec = pipeline.evaluate_ppl(args.model, args.info, args.dataset, args.seqlen, args.max_tokens, args.dtype,
                                     args.out, args.device)
         print(f"ppl[{args.dataset}] = {rec['ppl']:.4f} over {rec['tokens']} tokens")
+    elif c == "evaluate-zeroshot":
+        rec = evaluate_zeroshot(args.model, args.info, args.tasks, args.limit, args.dtype, args.device, args.seed, args.out)
+        for task, acc in rec["accuracy"].items():
+            print(f"acc[{task}] = {acc:.4f}")
     elif c == "summarize":
         from .summary import write_summary
 
         write_summary(args.results, args.out)
+    elif c == "verify":
+        from .verify import verify_rpca
+
+        report = verify_rpca(args.results, args.sample, args.seed)
+        for r in report:
+            print(f"{'identical' if r['identical'] else 'DIFFERENT'}  {r['file']}  {r['cached'][:16]} vs {r['recomputed'][:16]}")
+        if not all(r["identical"] for r in report):
+            raise GlrsError("recomputed intermediates differ from the cached ones: the run is not reproducible")
     elif c == "summary":
         from .summary import print_summary
 
@@ -143,6 +184,42 @@ def run(args: argparse.Namespace) -> None:
         from .plots import plot_spectra
 
         plot_spectra(args.model_dir, args.rpca, args.out)
+    elif c == "plot-ppl":
+        from .plots import plot_ppl_vs_density
+
+        plot_ppl_vs_density(args.summary, args.out)
+    elif c == "plot-zeroshot":
+        from .plots import plot_zeroshot_vs_density
+
+        plot_zeroshot_vs_density(args.summary, args.out)
+    elif c == "plot-stage-times":
+        from .plots import plot_stage_times
+
+        plot_stage_times(args.bench, args.out)
+    elif c == "versions":
+        from .summary import write_versions
+
+        write_versions(args.config_json, args.csv_out, args.config_out)
+
+
+def evaluate_zeroshot(model: str, info_file: str | None, tasks: list[str], limit: int | None, dtype: str,
+                      device: str, seed: int, out: str) -> dict:
+    """glrs.zeroshot.run_zeroshot under a GPU slot; the record carries the same run fields as the
+    perplexity records (the compressed model's info.json, or pipeline.dense_run_info), kind 'zeroshot'
+    and accuracy {task: acc}."""
+    import tempfile
+    from pathlib import Path
+
+    from . import cas, gpuslots, pipeline, zeroshot
+
+    with tempfile.TemporaryDirectory(prefix="glrs-zs-") as tmp:
+        with gpuslots.device_slot(device) as dev:
+            rec = zeroshot.run_zeroshot(model, tasks, str(Path(tmp) / "zs.json"), dev, limit, seed, dtype=dtype)
+    run_info = json.loads(Path(info_file).read_text()) if info_file else pipeline.dense_run_info(model)
+    rec["zeroshot_seed"] = rec.pop("seed")
+    record = {**rec, **run_info, "kind": "zeroshot", "accuracy": {t: rec["acc"][t] for t in tasks}}
+    cas.write_json_atomic(out, record)
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ HEAVY = {"prepare_model", "decompose", "calibrate", "allocate", "materialize", "
 def write_config(workdir: Path, model: Path, **overrides) -> Path:
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg.update(
-        model=str(model), device="cpu", target_density=[0.5], allocators=["uniform"],
+        model=str(model), device="cpu", methods=["cap"], target_density=[0.5], allocators=["uniform"],
         rpca=dict(cfg["rpca"], tol=1e-5, max_iter=200),
         calibration={"dataset": "pydoc", "nsamples": 4, "seqlen": 64},
         evaluation={"datasets": ["pydoc"], "seqlen": 128, "max_tokens": 1024},
@@ -99,6 +99,13 @@ def test_run_leaves_every_output(workdir):
 
 def test_nothing_to_do_on_rerun(workdir):
     assert planned_jobs(workdir) == {}
+
+
+def test_verify_recomputes_decompositions_bit_for_bit(workdir):
+    proc = subprocess.run([sys.executable, "-m", "glrs", "verify", "--results", str(workdir / "results"), "--sample", "3"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("identical") == 3
 
 
 def test_changing_density_reuses_every_decomposition(workdir, tiny_llama_dir):
