@@ -43,6 +43,7 @@ class Plan:
     calib_params: dict
     runs: list[Run]
     eval_keys: dict[str, str]  # dataset -> key of the evaluation protocol + text
+    zeroshot_key: str = ""  # key of the zero-shot protocol (tasks, limit, lm-eval, offline task text, seed); "" = none
 
     # ---- paths (relative to the working directory) ----
     @property
@@ -107,6 +108,18 @@ class Plan:
     def all_metrics(self) -> list[str]:
         targets = [self.dense_target] + [r.comp_key for r in self.runs]
         return [self.metrics_file(t, d) for t in targets for d in self.config["evaluation"]["datasets"]]
+
+    @property
+    def zeroshot_tasks(self) -> list[str]:
+        return list(self.config["evaluation"].get("zeroshot", {}).get("tasks", []))
+
+    def zeroshot_file(self, target: str) -> str:
+        return f"{RESULTS}/metrics/{target}/zeroshot-{self.zeroshot_key}.json"
+
+    def all_zeroshot(self) -> list[str]:
+        if not self.zeroshot_tasks:
+            return []
+        return [self.zeroshot_file(t) for t in [self.dense_target] + [r.comp_key for r in self.runs]]
 
     def run_by_comp_key(self, comp_key: str) -> Run:
         return next(r for r in self.runs if r.comp_key == comp_key)
@@ -187,4 +200,32 @@ def make_plan(config: dict) -> Plan:
                        {"seqlen": ev["seqlen"], "max_tokens": ev.get("max_tokens"), "dtype": config["dtype"]})
         for ds in ev["datasets"]
     }
-    return Plan(config, source, model_key, layers, rpca_key, rpca_params, calib_key, calib_params, runs, eval_keys)
+    return Plan(config, source, model_key, layers, rpca_key, rpca_params, calib_key, calib_params, runs, eval_keys,
+                _zeroshot_key(config))
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lm_eval")
+    except PackageNotFoundError:
+        return "absent"
+
+
+def _zeroshot_key(config: dict) -> str:
+    """Key of the zero-shot records: the task list, limit, seed, dtype, lm-eval's version and, for the
+    offline tasks, a cheap stand-in for build_offline_tasks' fingerprint (the held-out text's hash, the
+    task generator's version and the examples per task, which together determine the task files)."""
+    zs = config["evaluation"].get("zeroshot", {})
+    tasks = list(zs.get("tasks", []))
+    if not tasks:
+        return ""
+    from . import zeroshot
+
+    offline = [t for t in tasks if t in zeroshot.OFFLINE_TASKS]
+    tasks_fp = {"text": data.text_identity("pydoc", "evaluation"), "generator": zeroshot.TASKGEN_VERSION,
+                "n": zeroshot.DEFAULT_N} if offline else None
+    return cas.key_of("zeroshot", zeroshot.ZEROSHOT_VERSION, {"offline_tasks": cas.key_of("tasks", 1, {}, tasks_fp or {})},
+                      {"tasks": tasks, "limit": zs.get("limit"), "seed": config["seed"], "dtype": config["dtype"],
+                       "lm_eval": _lm_eval_version()})

@@ -31,10 +31,37 @@ rule evaluate_ppl:
         "{params.max_tokens} --dtype {params.dtype} --device {params.device} --out {output} > {log} 2>&1"
 
 
+rule evaluate_zeroshot:
+    input:
+        unpack(model_under_test),
+    output:
+        f"{RESULTS}/metrics/{{target}}/zeroshot-{{zs_key}}.json",
+    wildcard_constraints:
+        zs_key=one_of([PLAN.zeroshot_key] if PLAN.zeroshot_key else []),
+    params:
+        model=lambda wc, input: input.model if wc.target == PLAN.dense_target else f"{input.model}/hf",
+        info=lambda wc, input: "" if wc.target == PLAN.dense_target else f"--info {input.model}/info.json",
+        tasks=" ".join(PLAN.zeroshot_tasks),
+        limit=lambda wc: f"--limit {config['evaluation']['zeroshot']['limit']}" if config["evaluation"].get("zeroshot", {}).get("limit") else "",
+        dtype=config["dtype"],
+        device=config["device"],
+        seed=config["seed"],
+    resources:
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/evaluate_zeroshot/{{target}}/{{zs_key}}.log",
+    benchmark:
+        f"{RESULTS}/bench/evaluate_zeroshot/{{target}}/{{zs_key}}.tsv"
+    shell:
+        "{GLRS} evaluate-zeroshot --model {params.model} {params.info} --tasks {params.tasks} {params.limit} "
+        "--dtype {params.dtype} --device {params.device} --seed {params.seed} --out {output} > {log} 2>&1"
+
+
 rule summarize:
     input:
         PLAN.all_metrics(),
+        PLAN.all_zeroshot(),
     output:
-        f"{RESULTS}/summary.csv",
+        report(f"{RESULTS}/summary.csv", caption="../report/summary.rst", category="Results"),
     shell:
         "{GLRS} summarize --results {RESULTS} --out {output}"
