@@ -16,6 +16,9 @@ from glrs.plan import make_plan
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
+report: "workflow/report/workflow.rst"
+
+
 try:
     PLAN = make_plan(validate(config))
 except GlrsError as e:
@@ -49,4 +52,9 @@ rule all:
         f"{RESULTS}/summary.csv",
         f"{RESULTS}/plots/spectra.png" if PLAN.cap_runs else [],
         f"{RESULTS}/plots/allocation.png" if PLAN.cap_runs else [],
+        f"{RESULTS}/plots/ppl_vs_density.png",
+        f"{RESULTS}/plots/zeroshot_vs_density.png" if PLAN.zeroshot_tasks else [],
+        f"{RESULTS}/plots/stage_times.png",
+        f"{RESULTS}/software_versions.csv",
+        f"{RESULTS}/config_used.yaml",
     default_target: True

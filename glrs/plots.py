@@ -106,3 +106,134 @@ def plot_spectra(model_dir: str, rpca_files: list[str], out: str | Path) -> None
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     _save(fig, out)
+
+
+# ---- results across methods (from results/summary.csv) and stage times (from results/bench) ----------
+
+def _read_summary(summary_csv: str | Path) -> list[dict]:
+    import csv
+
+    return list(csv.DictReader(Path(summary_csv).read_text().splitlines()))
+
+
+def series_label(row: dict, models: set[str]) -> str:
+    """'cap/<allocator>' for CAP rows, the method name otherwise (prefixed by the model when several)."""
+    label = f"{row['method']}/{row['allocator']}" if row["method"] == "cap" and row.get("allocator") else row["method"]
+    return f"{row['model']}: {label}" if len(models) > 1 else label
+
+
+def _num(value) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if v != v else v
+
+
+def _metric_vs_density(rows: list[dict], metric, ylabel: str, title: str, logy: bool):
+    """One line per method (cap: per allocator) of metric(row) against achieved density; the dense
+    model as a horizontal dashed line. Returns the Figure (not yet saved)."""
+    models = {r["model"] for r in rows}
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    series: dict[str, list[tuple[float, float]]] = {}
+    dense: list[tuple[str, float]] = []
+    for r in rows:
+        y = metric(r)
+        if y is None:
+            continue
+        if r["method"] == "dense":
+            dense.append((r["model"], y))
+            continue
+        x = _num(r.get("achieved_density")) or _num(r.get("target_density"))
+        if x is not None:
+            series.setdefault(series_label(r, models), []).append((x, y))
+    for label in sorted(series):
+        pts = sorted(series[label])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1.6, label=label)
+    for model, y in dense:
+        ax.axhline(y, ls="--", color="black", lw=1.2, label=f"dense ({model})" if len(models) > 1 else "dense")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("achieved density (kept parameters / dense parameters of the target layers)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    if series or dense:
+        ax.legend(fontsize=9, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no results yet", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return fig
+
+
+def ppl_vs_density_figure(rows: list[dict]):
+    cols = sorted(c for c in (rows[0] if rows else {}) if c.startswith("ppl_"))
+    col = cols[0] if cols else "ppl_"
+    dataset = col[len("ppl_"):] or "?"
+
+    def metric(r):
+        return _num(r.get(col))
+
+    return _metric_vs_density(rows, metric, f"perplexity on {dataset} (log scale; lower is better)",
+                              f"Perplexity vs density ({dataset})", logy=True)
+
+
+def zeroshot_vs_density_figure(rows: list[dict]):
+    cols = sorted({c for r in rows for c in r if c.startswith("acc_")})
+
+    def metric(r):
+        accs = [_num(r.get(c)) for c in cols]
+        accs = [a for a in accs if a is not None]
+        return 100.0 * sum(accs) / len(accs) if accs else None
+
+    tasks = ", ".join(c[len("acc_"):] for c in cols) or "none"
+    return _metric_vs_density(rows, metric, "mean zero-shot accuracy (%)",
+                              f"Zero-shot accuracy vs density (mean over {tasks})", logy=False)
+
+
+def plot_ppl_vs_density(summary_csv: str | Path, out: str | Path) -> None:
+    _save(ppl_vs_density_figure(_read_summary(summary_csv)), out)
+
+
+def plot_zeroshot_vs_density(summary_csv: str | Path, out: str | Path) -> None:
+    _save(zeroshot_vs_density_figure(_read_summary(summary_csv)), out)
+
+
+def stage_seconds(bench_dir: str | Path) -> dict[str, tuple[float, int]]:
+    """rule -> (summed wall seconds, job count) over Snakemake's benchmark TSVs under bench_dir/<rule>/."""
+    import csv
+
+    out: dict[str, tuple[float, int]] = {}
+    bench_dir = Path(bench_dir)
+    for tsv in sorted(bench_dir.rglob("*.tsv")):
+        rule = tsv.relative_to(bench_dir).parts[0]
+        rows = list(csv.DictReader(tsv.read_text().splitlines(), delimiter="\t"))
+        if not rows or _num(rows[-1].get("s")) is None:
+            continue
+        secs, n = out.get(rule, (0.0, 0))
+        out[rule] = (secs + float(rows[-1]["s"]), n + 1)
+    return out
+
+
+def stage_times_figure(times: dict[str, tuple[float, int]]):
+    fig, ax = plt.subplots(figsize=(7.5, 0.8 + 0.45 * max(1, len(times))))
+    rules = sorted(times, key=lambda r: times[r][0])
+    secs = [times[r][0] for r in rules]
+    ax.barh(range(len(rules)), secs, color="tab:blue")
+    ax.set_yticks(range(len(rules)), rules)
+    for i, r in enumerate(rules):
+        ax.text(secs[i], i, f" {secs[i]:.1f} s ({times[r][1]} job{'s' if times[r][1] != 1 else ''})", va="center", fontsize=9)
+    ax.set_xlabel("wall time, summed over the rule's jobs (s)")
+    ax.set_ylabel("rule")
+    ax.set_title("Stage wall times (Snakemake benchmarks)")
+    if secs:
+        ax.set_xlim(0, max(secs) * 1.35 or 1)
+    else:
+        ax.text(0.5, 0.5, "no benchmark files yet", ha="center", va="center", transform=ax.transAxes)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return fig
+
+
+def plot_stage_times(bench_dir: str | Path, out: str | Path) -> None:
+    _save(stage_times_figure(stage_seconds(bench_dir)), out)

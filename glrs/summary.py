@@ -102,3 +102,31 @@ def print_summary(csv_path: str | Path) -> None:
     df["model_fp"] = df["model_fp"].astype(str).str[:10]
     with pd.option_context("display.max_columns", None, "display.width", 200):
         print(df.to_string(index=False))
+
+
+VERSIONED = ["python", "glrs", "torch", "transformers", "snakemake", "lm_eval", "numpy", "matplotlib", "safetensors"]
+
+
+def software_versions() -> list[tuple[str, str]]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = [("python", platform.python_version())]
+    for name in VERSIONED[1:]:
+        try:
+            out.append((name, version(name)))
+        except PackageNotFoundError:
+            out.append((name, "not installed"))
+    return out
+
+
+def write_versions(config: dict, csv_out: str | Path, config_out: str | Path) -> None:
+    """results/software_versions.csv (package, version) and results/config_used.yaml (the validated config)."""
+    import yaml
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["package", "version"])
+    writer.writerows(software_versions())
+    cas.write_text_atomic(csv_out, buf.getvalue())
+    cas.write_text_atomic(config_out, yaml.safe_dump(config, sort_keys=True, default_flow_style=False))
