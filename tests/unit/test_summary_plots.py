@@ -1,0 +1,124 @@
+"""Figures from summary.csv and the benchmark files, the summary's handling of zero-shot records, and the
+provenance files, all on small synthetic inputs."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from glrs import plots, summary
+
+PNG = b"\x89PNG\r\n\x1a\n"
+COLUMNS = ["model", "model_fp", "method", "allocator", "rpca_lambda_scale", "target_density", "achieved_density",
+           "params_kept", "seed", "ppl_pydoc", "acc_glrs_cloze", "acc_glrs_nextsent"]
+
+
+def _rows() -> list[dict]:
+    rows = [dict(method="dense", allocator="", target_density=1.0, achieved_density=1.0, ppl_pydoc=10.0,
+                 acc_glrs_cloze=0.6, acc_glrs_nextsent=0.8)]
+    for density, ppl in ((0.3, 80.0), (0.5, 20.0), (0.7, 12.0)):
+        rows.append(dict(method="cap", allocator="uniform", target_density=density, achieved_density=density,
+                         ppl_pydoc=ppl, acc_glrs_cloze=0.4, acc_glrs_nextsent=0.6))
+        rows.append(dict(method="cap", allocator="cap", target_density=density, achieved_density=density,
+                         ppl_pydoc=ppl * 0.9, acc_glrs_cloze=0.45, acc_glrs_nextsent=0.65))
+        rows.append(dict(method="wanda", allocator="", target_density=density, achieved_density=density,
+                         ppl_pydoc=ppl * 1.2, acc_glrs_cloze=0.35, acc_glrs_nextsent="" if density == 0.3 else 0.5))
+    return [{c: r.get(c, "") for c in COLUMNS} | {"model": "tiny", "model_fp": "ab"} for r in rows]
+
+
+@pytest.fixture
+def summary_csv(tmp_path) -> Path:
+    path = tmp_path / "summary.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(_rows())
+    return path
+
+
+def _labels(fig) -> list[str]:
+    return sorted(line.get_label() for line in fig.axes[0].get_lines())
+
+
+def test_ppl_vs_density_one_line_per_method_dense_dashed_log_y(summary_csv):
+    fig = plots.ppl_vs_density_figure(plots._read_summary(summary_csv))
+    ax = fig.axes[0]
+    assert _labels(fig) == ["cap/cap", "cap/uniform", "dense", "wanda"]
+    assert ax.get_yscale() == "log"
+    dense = next(line for line in ax.get_lines() if line.get_label() == "dense")
+    assert dense.get_linestyle() == "--" and set(dense.get_ydata()) == {10.0}
+    cap = next(line for line in ax.get_lines() if line.get_label() == "cap/uniform")
+    assert list(cap.get_xdata()) == [0.3, 0.5, 0.7] and list(cap.get_ydata()) == [80.0, 20.0, 12.0]
+    assert "density" in ax.get_xlabel() and "perplexity" in ax.get_ylabel()
+
+
+def test_zeroshot_vs_density_mean_accuracy_linear_y(summary_csv):
+    fig = plots.zeroshot_vs_density_figure(plots._read_summary(summary_csv))
+    ax = fig.axes[0]
+    assert _labels(fig) == ["cap/cap", "cap/uniform", "dense", "wanda"]
+    assert ax.get_yscale() == "linear" and "%" in ax.get_ylabel()
+    wanda = next(line for line in ax.get_lines() if line.get_label() == "wanda")
+    # a missing task accuracy is left out of that row's mean, not counted as zero
+    assert wanda.get_ydata()[0] == pytest.approx(35.0) and wanda.get_ydata()[1] == pytest.approx(42.5)
+
+
+def test_plot_files_are_png(summary_csv, tmp_path):
+    for fn in (plots.plot_ppl_vs_density, plots.plot_zeroshot_vs_density):
+        out = tmp_path / f"{fn.__name__}.png"
+        fn(summary_csv, out)
+        assert out.read_bytes()[:8] == PNG
+
+
+def test_plots_of_an_empty_summary_still_draw(tmp_path):
+    path = tmp_path / "summary.csv"
+    path.write_text(",".join(COLUMNS[:9]) + "\n")
+    plots.plot_ppl_vs_density(path, tmp_path / "a.png")
+    plots.plot_zeroshot_vs_density(path, tmp_path / "b.png")
+    assert (tmp_path / "a.png").read_bytes()[:8] == (tmp_path / "b.png").read_bytes()[:8] == PNG
+
+
+def _bench(path: Path, seconds: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("s\th:m:s\tmax_rss\n" f"{seconds}\t0:00:01\t100\n")
+
+
+def test_stage_times_sums_jobs_per_rule(tmp_path):
+    bench = tmp_path / "bench"
+    _bench(bench / "decompose" / "mk" / "rk" / "layer_0.tsv", 1.5)
+    _bench(bench / "decompose" / "mk" / "rk" / "layer_1.tsv", 2.5)
+    _bench(bench / "evaluate_ppl" / "dense-mk" / "pydoc-k.tsv", 3.0)
+    (bench / "allocate").mkdir()
+    (bench / "allocate" / "empty.tsv").write_text("s\th:m:s\n")
+    times = plots.stage_seconds(bench)
+    assert times == {"decompose": (4.0, 2), "evaluate_ppl": (3.0, 1)}
+    fig = plots.stage_times_figure(times)
+    assert len(fig.axes[0].patches) == 2 and "(s)" in fig.axes[0].get_xlabel()
+    plots.plot_stage_times(bench, tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes()[:8] == PNG
+
+
+def test_summary_merges_zeroshot_and_ppl_records(tmp_path):
+    run = {"method": "cap", "allocator": "uniform", "model": "tiny", "model_fp": "ab", "model_key": "mk",
+           "comp_key": "ck", "seed": 0, "target_density": 0.5, "achieved_density": 0.5, "params_kept": 10}
+    metrics = tmp_path / "metrics" / "ck"
+    metrics.mkdir(parents=True)
+    (metrics / "ppl-pydoc-k.json").write_text(json.dumps(run | {"dataset": "pydoc", "ppl": 12.345678}))
+    (metrics / "zeroshot-z.json").write_text(json.dumps(run | {"kind": "zeroshot", "accuracy": {"glrs_cloze": 0.5}}))
+    _bench(tmp_path / "bench" / "evaluate_zeroshot" / "ck" / "z.tsv", 7.0)
+    rows = summary.write_summary(tmp_path, tmp_path / "summary.csv")
+    assert len(rows) == 1
+    assert rows[0]["ppl_pydoc"] == 12.3457 and rows[0]["acc_glrs_cloze"] == 0.5
+    assert rows[0]["seconds_evaluate_zeroshot"] == 7.0
+    header = (tmp_path / "summary.csv").read_text().splitlines()[0].split(",")
+    assert header.index("ppl_pydoc") < header.index("acc_glrs_cloze")
+
+
+def test_write_versions(tmp_path):
+    summary.write_versions({"model": "m", "seed": 0}, tmp_path / "v.csv", tmp_path / "c.yaml")
+    versions = dict(csv.reader((tmp_path / "v.csv").read_text().splitlines()))
+    assert versions["package"] == "version"
+    assert {"python", "glrs", "torch", "transformers", "snakemake", "lm_eval"} <= set(versions)
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text()) == {"model": "m", "seed": 0}
