@@ -24,7 +24,8 @@ def write_config(workdir: Path, model: Path, **overrides) -> Path:
         model=str(model), device="cpu", methods=["cap"], target_density=[0.5], allocators=["uniform"],
         rpca=dict(cfg["rpca"], tol=1e-5, max_iter=200),
         calibration={"dataset": "pydoc", "nsamples": 4, "seqlen": 64},
-        evaluation={"datasets": ["pydoc"], "seqlen": 128, "max_tokens": 1024},
+        evaluation={"datasets": ["pydoc"], "seqlen": 128, "max_tokens": 1024,
+                    "zeroshot": {"tasks": ["glrs_nextsent"], "limit": 5}},
         plots={"spectra_layers": [0, 2]},
     )
     for key, value in overrides.items():
