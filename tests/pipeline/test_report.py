@@ -32,6 +32,50 @@ CAPTIONS = {  # a phrase of each figure's caption (workflow/report/*.rst)
 }
 
 
+# Runs inside the report page: the report is a React app (global `app`, embedded `results`). Not started on
+# 'load': the page also asks a CDN for tailwind, and offline that fetch holds 'load' back; it starts when React
+# has mounted the app. No timers: headless chromium's virtual time makes them unreliable; renders are flushed
+# synchronously instead.
+DRIVER = """
+const glrsDrive = async () => {
+  const probe = document.createElement('pre');
+  probe.id = 'glrs-probe'; probe.style.display = 'none';
+  const report = {menu: null, figures: [], error: null};
+  try {
+    const figures = Object.keys(results).filter(p => p.endsWith('.png')).sort();
+    const order = figures.filter(p => !p.endsWith('ppl_vs_density.png')).concat(figures.filter(p => p.endsWith('ppl_vs_density.png')));
+    ReactDOM.flushSync(() => app.showCategory("Figures"));
+    report.menu = document.body.innerText;
+    for (const path of order) {
+      ReactDOM.flushSync(() => app.showResultInfo(path));
+      ReactDOM.flushSync(() => app.setView({content: "img", contentPath: results[path].data_uri, resultPath: path}));
+      const img = [...document.images].find(i => i.getAttribute('src') === results[path].data_uri);
+      const ok = !img ? false : await new Promise(res => {
+        if (img.complete) { res(img.naturalWidth > 0); return; }
+        img.addEventListener('load', () => res(true));
+        img.addEventListener('error', () => res(false));
+      });
+      report.figures.push({path: path, decoded: ok, width: img ? img.naturalWidth : -1, height: img ? img.naturalHeight : -1,
+                           text: document.body.innerText});
+    }
+  } catch (e) { report.error = String(e); }
+  probe.textContent = JSON.stringify(report);
+  document.body.appendChild(probe);
+};
+// once React has mounted the app (its constructor sets the global `app`)
+let glrsStarted = false;
+const glrsTry = () => {
+  if (glrsStarted || typeof app === 'undefined' || !app) return;
+  glrsStarted = true;
+  glrsObserver.disconnect();
+  glrsDrive();
+};
+const glrsObserver = new MutationObserver(glrsTry);
+glrsObserver.observe(document.getElementById('app'), {childList: true, subtree: true});
+glrsTry();
+"""
+
+
 def chromium() -> str:
     exe = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
     if exe is None:
@@ -105,15 +149,22 @@ def test_report_renders_in_a_browser(report):
     assert {"python", "torch", "transformers", "snakemake", "lm_eval", "glrs"} <= set(versions)
     assert "zeroshot" in files["config_used.yaml"].decode()
 
-    # Every embedded figure decodes in the browser (naturalWidth > 0), i.e. no broken image.
-    probe = wd / "probe.html"
-    imgs = "".join(f'<img alt="{n}" src="data:image/png;base64,{base64.b64encode(files[n]).decode()}">' for n in FIGURES)
-    probe.write_text(
-        "<html><body>" + imgs + "<script>window.addEventListener('load', () => {"
-        "const p = document.createElement('pre'); p.id = 'dims';"
-        "p.textContent = JSON.stringify([...document.images].map(i => [i.alt, i.naturalWidth, i.naturalHeight]));"
-        "document.body.appendChild(p);});</script></body></html>")
-    out = browse(exe, wd / "profile-probe", probe.resolve().as_uri(), "--dump-dom", "--virtual-time-budget=5000").stdout
-    dims = json.loads(html.unescape(re.search(r'<pre id="dims">(.*?)</pre>', out, re.S).group(1)))
-    assert [d[0] for d in dims] == FIGURES
-    assert all(w > 200 and h > 100 for _, w, h in dims), dims
+    # Drive the app as a reader would: open the Figures category, then each figure's view (its <img> in the
+    # report's own page and its caption in the side panel); the ppl figure is shown last, for the screenshot.
+    driven = wd / "report-driven.html"
+    page_html = page.read_text()
+    cut = page_html.rindex("</body>")
+    driven.write_text(page_html[:cut] + "<script>" + DRIVER + "</script>" + page_html[cut:])
+    out = browse(exe, wd / "profile-driven", driven.resolve().as_uri(), "--dump-dom", "--virtual-time-budget=10000").stdout
+    probe = json.loads(html.unescape(re.search(r'<pre id="glrs-probe"[^>]*>(.*?)</pre>', out, re.S).group(1)))
+    assert probe["error"] is None, probe["error"]
+    for name in FIGURES:
+        assert f"results/plots/{name}" in probe["menu"], name
+    shown = {Path(f["path"]).name: f for f in probe["figures"]}
+    assert set(shown) == set(FIGURES)
+    for name, f in shown.items():
+        assert f["decoded"] and f["width"] > 200 and f["height"] > 100, f  # the image is not broken
+        assert CAPTIONS[name] in f["text"], name
+    browse(exe, wd / "profile-driven-shot", driven.resolve().as_uri(), f"--screenshot={wd / 'shot-figure.png'}",
+           "--virtual-time-budget=10000")
+    assert (wd / "shot-figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
