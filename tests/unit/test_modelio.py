@@ -3,7 +3,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from glrs import modelio, pipeline
