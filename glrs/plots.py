@@ -153,12 +153,14 @@ def _metric_vs_density(rows: list[dict], metric, ylabel: str, title: str, logy: 
     for model, y in dense:
         ax.axhline(y, ls="--", color="black", lw=1.2, label=f"dense ({model})" if len(models) > 1 else "dense")
     if logy:
-        from matplotlib.ticker import FuncFormatter
+        from matplotlib.ticker import FuncFormatter, NullFormatter
 
         ax.set_yscale("log")
         plain = FuncFormatter(lambda v, _: f"{v:.6g}")  # 49130, not 4.913x10^4
         ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        low, high = ax.get_ylim()
+        # Label minor ticks only when the axis spans less than a decade (else they overprint).
+        ax.yaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())
     ax.set_xlabel("achieved density (kept parameters / dense parameters of the target layers)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
