@@ -147,9 +147,10 @@ def _metric_vs_density(rows: list[dict], metric, ylabel: str, title: str, logy: 
         x = _num(r.get("achieved_density")) or _num(r.get("target_density"))
         if x is not None:
             series.setdefault(series_label(r, models), []).append((x, y))
-    for label in sorted(series):
+    colours = plt.get_cmap("tab20").colors  # distinct colours for up to 20 methods / allocators
+    for i, label in enumerate(sorted(series)):
         pts = sorted(series[label])
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1.6, label=label)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1.6, label=label, color=colours[2 * i % 20 + (2 * i // 20)])
     for model, y in dense:
         ax.axhline(y, ls="--", color="black", lw=1.2, label=f"dense ({model})" if len(models) > 1 else "dense")
     if logy:
