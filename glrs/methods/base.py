@@ -456,9 +456,42 @@ def allocate_ranks(shapes: dict[str, tuple[int, int]], density: float) -> dict[s
         m, n = shapes[name]
         if ranks[name] < min(m, n):
             by_unit.setdefault(m + n, []).append(name)
-    units = sorted(by_unit)
-    if not units or rest <= 0:
+    if rest <= 0:
         return ranks
+    return spend_remainder(ranks, by_unit, rest)
+
+
+def spend_remainder(ranks: dict[str, int], by_unit: dict[int, list[str]], rest: float) -> dict[str, int]:
+    """Give +1 rank to the subset of candidates whose units (m + n) sum closest to `rest`.
+
+    `by_unit` maps a unit to its candidate matrices in preference order; a
+    bounded subset sum over the few distinct units (in steps of their gcd)
+    finds the counts per unit, and the first candidates of each unit get them."""
+    units = sorted(by_unit)
+    if not units:
+        return ranks
+    limit = int(math.ceil(rest)) + max(units)
+    g = 0
+    for u in units:
+        g = math.gcd(g, u)
+    # reachable sums (in units of g) -> counts per unit that reach them
+    reach: dict[int, tuple[int, ...]] = {0: tuple(0 for _ in units)}
+    for ui, u in enumerate(units):
+        step, cap = u // g, len(by_unit[u])
+        new = dict(reach)
+        for s, counts in reach.items():
+            for c in range(1, cap + 1):
+                t = s + c * step
+                if t * g > limit:
+                    break
+                if t not in new:
+                    new[t] = counts[:ui] + (c,) + counts[ui + 1:]
+        reach = new
+    best = min(reach, key=lambda s: (abs(s * g - rest), s))
+    for u, c in zip(units, reach[best]):
+        for name in by_unit[u][:c]:
+            ranks[name] += 1
+    return ranks
     limit = int(math.ceil(rest)) + max(units)
     g = 0
     for u in units:

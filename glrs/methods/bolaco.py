@@ -106,7 +106,7 @@ import torch
 from ..errors import GlrsError
 from ..modelio import weight_name
 from .base import (LayerStats, MethodOutput, assert_density, check_density, decoder_layers,
-                   sequential_layers, target_modules, target_shapes)
+                   sequential_layers, spend_remainder, target_modules, target_shapes)
 
 DEFAULTS = {
     "n_trials": 50,
@@ -206,8 +206,9 @@ def round_ranks(targets: dict[str, float], shapes: dict[str, tuple[int, int]], b
             rest -= u
         else:
             by_unit.setdefault(u, []).append(name)
-    if not by_unit:
-        return ranks
+    for u in by_unit:
+        by_unit[u].sort(key=lambda k: (-frac[k], k))
+    return spend_remainder(ranks, by_unit, rest)
     units = sorted(by_unit)
     for u in units:
         by_unit[u].sort(key=lambda k: (-frac[k], k))
