@@ -549,6 +549,16 @@ def resolve_params(method: str, params: dict | None, defaults: dict) -> dict:
     return {**defaults, **params}
 
 
+def pruning_setup(method: str, density: float, params: dict | None, defaults: dict):
+    """(density, params, N:M pattern or None) for the pruning methods, every check done once here."""
+    density = check_density(density)
+    p = resolve_params(method, params, defaults)
+    nm = parse_nm(p["nm"])
+    if nm is not None:
+        check_nm_density(nm, density)
+    return density, p, nm
+
+
 def finish(model, method: str, density: float, params_kept: dict[str, int], details: dict,
            factors: dict[str, dict[str, torch.Tensor]] | None = None) -> MethodOutput:
     """Check the overall density, read the compressed weights back from the model, report."""

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import (MethodOutput, check_density, check_nm_density, decoder_layers, exact_count, finish, nm_mask,
-                   parse_nm, resolve_params, target_modules, topk_mask)
+from .base import (MethodOutput, decoder_layers, exact_count, finish, nm_mask,
+                   pruning_setup, target_modules, topk_mask)
 from ..modelio import weight_name
 
 DEFAULTS = {"nm": None}
@@ -32,11 +32,7 @@ class Magnitude:
     def compress(self, model, calib_ids: torch.Tensor | None, density: float, params: dict, seed: int,
                  device: str) -> MethodOutput:
         """Prunes `model`'s target matrices in place; `calib_ids` is unused."""
-        density = check_density(density)
-        p = resolve_params(self.name, params, DEFAULTS)
-        nm = parse_nm(p["nm"])
-        if nm is not None:
-            check_nm_density(nm, density)
+        density, p, nm = pruning_setup(self.name, density, params, DEFAULTS)
         kept, per_matrix = {}, {}
         for i, layer in enumerate(decoder_layers(model)):
             for short, mod in target_modules(layer).items():

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import (TRUE_SEQUENTIAL_GROUPS, LayerStats, MethodOutput, check_density, check_nm_density, exact_count,
-                   finish, parse_nm, resolve_params, sequential_layers, split_count, target_modules)
+from .base import (TRUE_SEQUENTIAL_GROUPS, LayerStats, MethodOutput, exact_count,
+                   finish, pruning_setup, sequential_layers, split_count, target_modules)
 from ..errors import GlrsError
 from ..modelio import weight_name
 
@@ -116,11 +116,7 @@ class SparseGPT:
     def compress(self, model, calib_ids: torch.Tensor, density: float, params: dict, seed: int,
                  device: str) -> MethodOutput:
         """Prunes `model`'s target matrices in place, layer by layer."""
-        density = check_density(density)
-        p = resolve_params(self.name, params, DEFAULTS)
-        nm = parse_nm(p["nm"])
-        if nm is not None:
-            check_nm_density(nm, density)
+        density, p, nm = pruning_setup(self.name, density, params, DEFAULTS)
         dtype = getattr(torch, p["dtype"])
         kept, per_matrix = {}, {}
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import (LayerStats, MethodOutput, check_density, check_nm_density, exact_count, finish, nm_mask,
-                   parse_nm, resolve_params, row_topk_mask, sequential_layers, target_modules)
+from .base import (LayerStats, MethodOutput, exact_count, finish, nm_mask,
+                   pruning_setup, row_topk_mask, sequential_layers, target_modules)
 from ..modelio import weight_name
 
 DEFAULTS = {"nm": None, "batch_size": 4}
@@ -51,11 +51,7 @@ class Wanda:
     def compress(self, model, calib_ids: torch.Tensor, density: float, params: dict, seed: int,
                  device: str) -> MethodOutput:
         """Prunes `model`'s target matrices in place, layer by layer."""
-        density = check_density(density)
-        p = resolve_params(self.name, params, DEFAULTS)
-        nm = parse_nm(p["nm"])
-        if nm is not None:
-            check_nm_density(nm, density)
+        density, p, nm = pruning_setup(self.name, density, params, DEFAULTS)
         kept, per_matrix = {}, {}
 
         def compress_layer(i, layer, stats):
