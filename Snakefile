@@ -1,16 +1,16 @@
 # glrs: CAP (arXiv 2505.03801) as a content-addressed pipeline. DESIGN.md section 3 draws the DAG.
 # The whole plan (every key and path) is computed from the config before any job runs.
-import json
 import os
 import sys
 
 sys.path.insert(0, workflow.basedir)
 
 from snakemake.exceptions import WorkflowError
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from glrs.config import validate
 from glrs.errors import GlrsError
-from glrs.plan import make_plan
+from glrs.plan import key_pattern, make_plan, shell_json
 
 
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")
@@ -24,18 +24,12 @@ try:
 except GlrsError as e:
     raise WorkflowError(f"glrs: {e}")
 
-GLRS = f'"{sys.executable}" -m glrs'
 RESULTS = "results"
 
-
-def as_json(obj):
-    """A JSON argument for the shell, quoted once."""
-    return "'" + json.dumps(obj, sort_keys=True).replace("'", "'\\''") + "'"
-
-
-def one_of(keys):
-    """A wildcard constraint matching exactly these keys, so that two rules never claim one path."""
-    return "|".join(keys) or "(?!)"
+# Jobs run `python -m glrs` with the interpreter that runs Snakemake (the project's venv), unless
+# Snakemake deploys the rules' conda environment (envs/glrs.yaml) itself.
+if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+    shell.prefix(f'set -euo pipefail; export PATH="{os.path.dirname(sys.executable)}:$PATH"; ')
 
 
 include: "workflow/rules/model.smk"

@@ -7,6 +7,7 @@ below, while the RPCA files (keyed by model + RPCA parameters) are found again.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from . import allocate, cas, compressed, data, evaluate, modelio, rpca
@@ -88,6 +89,17 @@ class Plan:
             return info | {"rpca_key": self.rpca_key, "alloc_key": run.alloc_key, "rpca_lambda_scale": self.rpca_params["lambda_scale"]}
         return info | {"calib_key": self.calib_key, "method_params": run.params}
 
+    def allocate_inputs(self, alloc_key: str) -> dict:
+        """What one allocation job reads: every layer's factors, and the model and calibration text if it learns."""
+        inputs = {"rpca": self.rpca_files}
+        if self.run_by_alloc_key(alloc_key).allocator in allocate.NEEDS_CALIBRATION:
+            inputs |= {"model": self.model_dir, "calib": self.calib_file}
+        return inputs
+
+    def model_under_test(self, target: str) -> dict:
+        """The directory an evaluation job loads: the prepared model, or a compressed one."""
+        return {"model": self.model_dir if target == self.dense_target else f"{RESULTS}/compressed/{target}"}
+
     @property
     def cap_runs(self) -> list[Run]:
         return [r for r in self.runs if r.method == "cap"]
@@ -126,6 +138,16 @@ class Plan:
 
     def run_by_alloc_key(self, alloc_key: str) -> Run:
         return next(r for r in self.runs if r.alloc_key == alloc_key)
+
+
+def shell_json(obj) -> str:
+    """A JSON argument for a shell command, quoted once."""
+    return "'" + json.dumps(obj, sort_keys=True).replace("'", "'\\''") + "'"
+
+
+def key_pattern(keys) -> str:
+    """A wildcard constraint matching exactly these keys, so that two rules never claim one path."""
+    return "|".join(keys) or "(?!)"
 
 
 def safe_name(dataset: str) -> str:

@@ -1,27 +1,18 @@
 # Stage 2: one job per (allocator, density) gathers every layer's factors and spends one global budget.
 
 
-def allocate_inputs(wc):
-    run = PLAN.run_by_alloc_key(wc.alloc_key)
-    inputs = {"rpca": PLAN.rpca_files}
-    if run.allocator in NEEDS_CALIBRATION:
-        inputs |= {"model": PLAN.model_dir, "calib": PLAN.calib_file}
-    return inputs
-
-
-from glrs.allocate import NEEDS_CALIBRATION
-
-
 rule allocate:
+    conda:
+        "../../envs/glrs.yaml"
     input:
-        unpack(allocate_inputs),
+        unpack(lambda wc: PLAN.allocate_inputs(wc.alloc_key)),
     output:
         json=f"{RESULTS}/alloc/{{alloc_key}}.json",
         masks=f"{RESULTS}/alloc/{{alloc_key}}.safetensors",
     params:
         allocator=lambda wc: PLAN.run_by_alloc_key(wc.alloc_key).allocator,
         density=lambda wc: PLAN.run_by_alloc_key(wc.alloc_key).density,
-        settings=lambda wc: as_json(PLAN.run_by_alloc_key(wc.alloc_key).params),
+        settings=lambda wc: shell_json(PLAN.run_by_alloc_key(wc.alloc_key).params),
         calib=lambda wc, input: f"--model-dir {input.model} --calib {input.calib}" if "calib" in input.keys() else "",
         seed=config["seed"],
         device=config["device"],
@@ -32,6 +23,6 @@ rule allocate:
     benchmark:
         f"{RESULTS}/bench/allocate/{{alloc_key}}.tsv"
     shell:
-        "{GLRS} allocate --rpca {input.rpca} --allocator {params.allocator} --density {params.density} "
+        "python -m glrs allocate --rpca {input.rpca} --allocator {params.allocator} --density {params.density} "
         "--params {params.settings} --seed {params.seed} {params.calib} --device {params.device} "
         "--json-out {output.json} --masks-out {output.masks} > {log} 2>&1"

@@ -3,6 +3,8 @@
 
 
 rule decompose:
+    conda:
+        "../../envs/glrs.yaml"
     input:
         PLAN.model_dir,
     output:
@@ -10,7 +12,7 @@ rule decompose:
     wildcard_constraints:
         layer=r"\d+",
     params:
-        rpca=as_json(PLAN.rpca_params),
+        rpca=shell_json(PLAN.rpca_params),
         device=config["device"],
     threads: 1
     resources:
@@ -20,5 +22,5 @@ rule decompose:
     benchmark:
         f"{RESULTS}/bench/decompose/{PLAN.model_key}/{PLAN.rpca_key}/layer_{{layer}}.tsv"
     shell:
-        "{GLRS} decompose --model-dir {input} --layer {wildcards.layer} --params {params.rpca} "
+        "python -m glrs decompose --model-dir {input} --layer {wildcards.layer} --params {params.rpca} "
         "--device {params.device} --threads {threads} --out {output} > {log} 2>&1"

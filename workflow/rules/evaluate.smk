@@ -1,15 +1,11 @@
 # Perplexity of the dense model and of every compressed model, then one summary table of the whole results tree.
 
 
-def model_under_test(wc):
-    if wc.target == PLAN.dense_target:
-        return {"model": PLAN.model_dir}
-    return {"model": f"{RESULTS}/compressed/{wc.target}"}
-
-
 rule evaluate_ppl:
+    conda:
+        "../../envs/glrs.yaml"
     input:
-        unpack(model_under_test),
+        unpack(lambda wc: PLAN.model_under_test(wc.target)),
     output:
         f"{RESULTS}/metrics/{{target}}/ppl-{{dataset}}-{{eval_key}}.json",
     params:
@@ -27,17 +23,19 @@ rule evaluate_ppl:
     benchmark:
         f"{RESULTS}/bench/evaluate_ppl/{{target}}/{{dataset}}-{{eval_key}}.tsv"
     shell:
-        "{GLRS} evaluate-ppl --model {params.model} {params.info} --dataset {params.dataset:q} --seqlen {params.seqlen} "
+        "python -m glrs evaluate-ppl --model {params.model} {params.info} --dataset {params.dataset:q} --seqlen {params.seqlen} "
         "{params.max_tokens} --dtype {params.dtype} --device {params.device} --out {output} > {log} 2>&1"
 
 
 rule evaluate_zeroshot:
+    conda:
+        "../../envs/glrs.yaml"
     input:
-        unpack(model_under_test),
+        unpack(lambda wc: PLAN.model_under_test(wc.target)),
     output:
         f"{RESULTS}/metrics/{{target}}/zeroshot-{{zs_key}}.json",
     wildcard_constraints:
-        zs_key=one_of([PLAN.zeroshot_key] if PLAN.zeroshot_key else []),
+        zs_key=key_pattern([PLAN.zeroshot_key] if PLAN.zeroshot_key else []),
     params:
         model=lambda wc, input: input.model if wc.target == PLAN.dense_target else f"{input.model}/hf",
         info=lambda wc, input: "" if wc.target == PLAN.dense_target else f"--info {input.model}/info.json",
@@ -53,15 +51,21 @@ rule evaluate_zeroshot:
     benchmark:
         f"{RESULTS}/bench/evaluate_zeroshot/{{target}}/{{zs_key}}.tsv"
     shell:
-        "{GLRS} evaluate-zeroshot --model {params.model} {params.info} --tasks {params.tasks} {params.limit} "
+        "python -m glrs evaluate-zeroshot --model {params.model} {params.info} --tasks {params.tasks} {params.limit} "
         "--dtype {params.dtype} --device {params.device} --seed {params.seed} --out {output} > {log} 2>&1"
 
 
 rule summarize:
+    conda:
+        "../../envs/glrs.yaml"
     input:
         PLAN.all_metrics(),
         PLAN.all_zeroshot(),
     output:
         report(f"{RESULTS}/summary.csv", caption="../report/summary.rst", category="Results"),
+    params:
+        results=lambda wc, output: os.path.dirname(output[0]),  # the whole results tree, not only this plan's runs
+    log:
+        f"{RESULTS}/logs/summarize.log",
     shell:
-        "{GLRS} summarize --results {RESULTS} --out {output}"
+        "python -m glrs summarize --results {params.results} --out {output} > {log} 2>&1"

@@ -2,6 +2,8 @@
 
 
 rule materialize:
+    conda:
+        "../../envs/glrs.yaml"
     input:
         model=PLAN.model_dir,
         rpca=PLAN.rpca_files,
@@ -10,13 +12,13 @@ rule materialize:
     output:
         directory(f"{RESULTS}/compressed/{{comp_key}}"),
     wildcard_constraints:
-        comp_key=one_of(r.comp_key for r in PLAN.cap_runs),
+        comp_key=key_pattern(r.comp_key for r in PLAN.cap_runs),
     params:
-        info=lambda wc: as_json(PLAN.run_info(PLAN.run_by_comp_key(wc.comp_key))),
+        info=lambda wc: shell_json(PLAN.run_info(PLAN.run_by_comp_key(wc.comp_key))),
     log:
         f"{RESULTS}/logs/materialize/{{comp_key}}.log",
     benchmark:
         f"{RESULTS}/bench/materialize/{{comp_key}}.tsv"
     shell:
-        "{GLRS} materialize --model-dir {input.model} --rpca {input.rpca} --masks {input.masks} "
+        "python -m glrs materialize --model-dir {input.model} --rpca {input.rpca} --masks {input.masks} "
         "--alloc-json {input.json} --run-info {params.info} --out {output} > {log} 2>&1"

@@ -2,6 +2,8 @@
 
 
 rule prepare_model:
+    conda:
+        "../../envs/glrs.yaml"
     output:
         directory(PLAN.model_dir),
     params:
@@ -13,21 +15,23 @@ rule prepare_model:
     benchmark:
         f"{RESULTS}/bench/prepare_model/{PLAN.model_key}.tsv"
     shell:
-        "{GLRS} prepare-model --spec {params.spec:q} --dtype {params.dtype} --revision {params.revision:q} "
+        "python -m glrs prepare-model --spec {params.spec:q} --dtype {params.dtype} --revision {params.revision:q} "
         "--out {output} > {log} 2>&1"
 
 
 rule calibrate:
+    conda:
+        "../../envs/glrs.yaml"
     input:
         PLAN.model_dir,
     output:
         PLAN.calib_file,
     params:
-        calib=as_json(PLAN.calib_params),
+        calib=shell_json(PLAN.calib_params),
         seed=config["seed"],
     log:
         f"{RESULTS}/logs/calibrate/{PLAN.calib_key}.log",
     benchmark:
         f"{RESULTS}/bench/calibrate/{PLAN.model_key}/{PLAN.calib_key}.tsv"
     shell:
-        "{GLRS} calibrate --model-dir {input} --params {params.calib} --seed {params.seed} --out {output} > {log} 2>&1"
+        "python -m glrs calibrate --model-dir {input} --params {params.calib} --seed {params.seed} --out {output} > {log} 2>&1"

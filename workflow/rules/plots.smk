@@ -4,56 +4,82 @@
 
 
 rule plot_allocation:
+    conda:
+        "../../envs/glrs.yaml"
     input:
         [PLAN.alloc_json(r) for r in PLAN.cap_runs],
     output:
         report(f"{RESULTS}/plots/allocation.png", caption="../report/allocation.rst", category="Figures"),
+    log:
+        f"{RESULTS}/logs/plot_allocation.log",
     shell:
-        "{GLRS} plot-allocation --alloc-json {input} --out {output}"
+        "python -m glrs plot-allocation --alloc-json {input} --out {output} > {log} 2>&1"
 
 
 rule plot_spectra:
+    conda:
+        "../../envs/glrs.yaml"
     input:
         model=PLAN.model_dir,
         rpca=PLAN.spectra_files,
     output:
         report(f"{RESULTS}/plots/spectra.png", caption="../report/spectra.rst", category="Figures"),
+    log:
+        f"{RESULTS}/logs/plot_spectra.log",
     shell:
-        "{GLRS} plot-spectra --model-dir {input.model} --rpca {input.rpca} --out {output}"
+        "python -m glrs plot-spectra --model-dir {input.model} --rpca {input.rpca} --out {output} > {log} 2>&1"
 
 
 rule plot_ppl:
+    conda:
+        "../../envs/glrs.yaml"
     input:
         f"{RESULTS}/summary.csv",
     output:
         report(f"{RESULTS}/plots/ppl_vs_density.png", caption="../report/ppl_vs_density.rst", category="Figures"),
+    log:
+        f"{RESULTS}/logs/plot_ppl.log",
     shell:
-        "{GLRS} plot-ppl --summary {input} --out {output}"
+        "python -m glrs plot-ppl --summary {input} --out {output} > {log} 2>&1"
 
 
 rule plot_zeroshot:
+    conda:
+        "../../envs/glrs.yaml"
     input:
         f"{RESULTS}/summary.csv",
     output:
         report(f"{RESULTS}/plots/zeroshot_vs_density.png", caption="../report/zeroshot_vs_density.rst", category="Figures"),
+    log:
+        f"{RESULTS}/logs/plot_zeroshot.log",
     shell:
-        "{GLRS} plot-zeroshot --summary {input} --out {output}"
+        "python -m glrs plot-zeroshot --summary {input} --out {output} > {log} 2>&1"
 
 
 rule plot_stage_times:
+    conda:
+        "../../envs/glrs.yaml"
     input:
         f"{RESULTS}/summary.csv",  # after every evaluation, so that their benchmark files exist
     output:
         report(f"{RESULTS}/plots/stage_times.png", caption="../report/stage_times.rst", category="Figures"),
+    params:
+        bench=f"{RESULTS}/bench",
+    log:
+        f"{RESULTS}/logs/plot_stage_times.log",
     shell:
-        "{GLRS} plot-stage-times --bench {RESULTS}/bench --out {output}"
+        "python -m glrs plot-stage-times --bench {params.bench} --out {output} > {log} 2>&1"
 
 
 rule versions:
+    conda:
+        "../../envs/glrs.yaml"
     output:
         versions=report(f"{RESULTS}/software_versions.csv", caption="../report/versions.rst", category="Provenance"),
         config=report(f"{RESULTS}/config_used.yaml", caption="../report/config.rst", category="Provenance"),
     params:
-        config=as_json(config),
+        config=shell_json(config),
+    log:
+        f"{RESULTS}/logs/versions.log",
     shell:
-        "{GLRS} versions --config-json {params.config} --csv-out {output.versions} --config-out {output.config}"
+        "python -m glrs versions --config-json {params.config} --csv-out {output.versions} --config-out {output.config} > {log} 2>&1"
