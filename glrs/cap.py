@@ -152,12 +152,14 @@ from tqdm import tqdm
 from . import allocate as _alloc
 from .errors import GlrsError
 
-CAP_VERSION = 1
+CAP_VERSION = 2
 SPACES = ("cap", "lowrank-only", "sparse-only")
 
 # Config `allocator_params.<cap|lowrank-only|sparse-only>`: every key, its default and meaning.
 ALLOC_PARAMS_DEFAULTS: dict = {
-    "lr": 0.05,                # [paper] step size of s <- s - lr (L - delta) grad log p
+    "policy": "tied",          # tied ([departure], see TiedPolicy) | entry (the paper: one free probability per candidate)
+    "lr": 0.05,                # [paper] policy entry: step size of s <- s - lr (L - delta) grad log p
+    "logit_lr": 0.2,           # policy tied: step size of the per-block logit offsets theta
     "epochs": 3,               # [paper "three iterations"] passes over the calibration sequences; 0 = init only
     "batch_size": 1,           # [choice] calibration sequences per policy-gradient step
     "samples_per_step": 1,     # masks drawn (forward passes) per step; gradients averaged
@@ -165,8 +167,8 @@ ALLOC_PARAMS_DEFAULTS: dict = {
     "baseline_beta": 0.8,      # [paper "window 5" -> 1 - 1/5] EMA weight of the old baseline
     "baseline_window": 5,      # losses averaged by baseline: window
     "grad_eps": 1.0e-6,        # eps in (m - s) / (s (1 - s) + eps)
-    "init": "magnitude",       # magnitude | uniform
-    "init_temperature": 1.0,   # magnitude init: s = sigmoid((ln score - c) / T)
+    "init": "activation",      # activation | magnitude | uniform: the importance score behind the initial s
+    "init_temperature": 0.25,  # s = sigmoid((ln score - c) / T); small T: masks sampled near each block's boundary
     "sparse_group_size": 1,    # sparse entries per Bernoulli variable (1 = per entry, the paper)
     "max_steps": 0,            # cap on steps (0: epochs * ceil(nsamples / batch_size))
     "offload": False,          # keep factors on the CPU, copy one decoder layer's at a time
@@ -203,7 +205,9 @@ def resolve_params(params: dict | None) -> dict:
         (number(p["baseline_beta"]) and 0 <= p["baseline_beta"] < 1, "baseline_beta must be in [0, 1)"),
         (_is_int(p["baseline_window"], 1), "baseline_window must be an integer >= 1"),
         (number(p["grad_eps"]) and p["grad_eps"] >= 0, "grad_eps must be a number >= 0"),
-        (p["init"] in ("magnitude", "uniform"), "init must be magnitude or uniform"),
+        (p["policy"] in ("tied", "entry"), "policy must be tied or entry"),
+        (number(p["logit_lr"]) and p["logit_lr"] > 0, "logit_lr must be a number > 0"),
+        (p["init"] in ("activation", "magnitude", "uniform"), "init must be activation, magnitude or uniform"),
         (number(p["init_temperature"]) and p["init_temperature"] > 0, "init_temperature must be a number > 0"),
         (_is_int(p["sparse_group_size"], 1), "sparse_group_size must be an integer >= 1"),
         (_is_int(p["max_steps"], 0), "max_steps must be an integer >= 0"),
@@ -503,18 +507,22 @@ class BernoulliPolicy:
             return StepResult(losses, float("nan") if self.delta is None else self.delta, True)
         adv, delta = self._advantages(losses)
         if any(a != 0.0 for a in adv):
-            K = len(samples)
-            for b in range(len(self.sizes)):
-                s = self.probs(b)
-                s32 = s.float()
-                num = torch.zeros_like(s32)
-                for a, smp in zip(adv, samples):
-                    if a != 0.0:
-                        num += a * (smp.mask(b).float() - s32)
-                step_ = (self.lr / K) * torch.nan_to_num(num / (s32 * (1 - s32) + self.grad_eps), posinf=0.0, neginf=0.0)
-                s.copy_((s32 - step_).clamp_(-_OUT, 1 + _OUT))
+            self._update(samples, adv)
         self.project()
         return StepResult(losses, delta, False)
+
+    def _update(self, samples: list[MaskSample], adv: list[float]) -> None:
+        """s <- s - lr * mean_k adv_k (m_k - s) / (s (1 - s) + eps), per variable."""
+        K = len(samples)
+        for b in range(len(self.sizes)):
+            s = self.probs(b)
+            s32 = s.float()
+            num = torch.zeros_like(s32)
+            for a, smp in zip(adv, samples):
+                if a != 0.0:
+                    num += a * (smp.mask(b).float() - s32)
+            step_ = (self.lr / K) * torch.nan_to_num(num / (s32 * (1 - s32) + self.grad_eps), posinf=0.0, neginf=0.0)
+            s.copy_((s32 - step_).clamp_(-_OUT, 1 + _OUT))
 
     # the final deterministic masks
     @torch.no_grad()
@@ -524,6 +532,125 @@ class BernoulliPolicy:
         for b in range(len(self.sizes)):
             sl = slice(self.offsets[b], self.offsets[b] + self.sizes[b])
             keys[sl] = selection_keys(self.flat[sl], score_of(b).to(self.device))
+        views, costs = self._class_views(keys)
+        chosen = torch.cat(greedy_select(views, costs, self.budget)) if views else torch.zeros(0, dtype=torch.bool)
+        return [chosen[self.offsets[b] : self.offsets[b] + self.sizes[b]] for b in range(len(self.sizes))]
+
+
+def logit_keys(logits: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys (>= 0) ordering candidates by logit (any sign), then by score (>= 0)."""
+    bits = (logits.float() + 0.0).view(torch.int32).long()  # + 0.0: -0.0 -> +0.0
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) + (1 << 31)  # IEEE order as unsigned 32 bits
+    sc = scores.float().clamp_min(0) + 0.0
+    return (ordered << 31) | sc.view(torch.int32).long()  # a non-negative float32 has 31 significant bits
+
+
+class TiedPolicy(BernoulliPolicy):
+    """[departure] Every candidate keeps its own Bernoulli variable, but its logit is tied:
+    logit_i = z_i + theta_b - c, with z_i = ln(score_i) / T fixed at initialisation,
+    one learned offset theta_b per block (a matrix's singular components, or its
+    sparse entries) and one global shift c that holds the expected cost at the budget.
+
+    Why: with one scalar loss per mask sample, REINFORCE cannot resolve ~10^7-10^9
+    per-entry probabilities in a few hundred steps (each becomes a random walk and the
+    final top-probability masks turn near-random: measured on SmolLM2, perplexity 2e7
+    after training vs 8.9e3 at its own initialisation). Tying leaves REINFORCE a few
+    hundred well-determined variables -- exactly the paper's question of how much rank
+    and how many sparse entries each matrix of each layer keeps -- while the order of
+    candidates inside a matrix is the initial importance order.
+
+    Step: theta_b <- theta_b - lr * mean_k adv_k * sum_i (m_ik - s_i) / sqrt(sum_i s_i (1 - s_i)),
+    i.e. the REINFORCE gradient of theta_b (d log p / d theta_b = sum_i (m_i - s_i)) scaled
+    by its Fisher information's square root, so one lr fits blocks of any size.
+    Projection: c by bisection so that sum cost * s = budget (the tied policy's
+    equivalent of projecting s onto the budget). Final masks: candidates by logit."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.flat = self.flat.float()  # the fixed logits z
+        self.flat.zero_()
+        self.theta = torch.zeros(len(self.sizes), dtype=torch.float64)
+        self.shift = 0.0
+
+    def probs(self, b: int) -> torch.Tensor:
+        z = self.flat[self.offsets[b] : self.offsets[b] + self.sizes[b]]
+        return torch.sigmoid(z + float(self.theta[b] - self.shift))
+
+    def _expected(self, shift: float) -> tuple[float, float]:
+        """Expected cost at shift c and its derivative -sum cost * s (1 - s), one pass in float64."""
+        tot = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for b in range(len(self.sizes)):
+            z = self.flat[self.offsets[b] : self.offsets[b] + self.sizes[b]]
+            off = float(self.theta[b]) - shift
+            for ch in _chunks(z):
+                s = torch.sigmoid(ch.double() + off)
+                tot += torch.stack([s.sum(), (s * (1 - s)).sum()]) * self.costs[b]
+        g, slope = tot.tolist()
+        return g, -slope
+
+    def expected_cost(self) -> float:
+        return self._expected(self.shift)[0]
+
+    def project(self) -> float:
+        """Shift c so that the expected cost equals the budget: Newton from the last c,
+        safeguarded by bisection on a bracket (g is smooth and decreasing in c)."""
+        if self.flat.numel() and 0 < self.budget < self.capacity:
+            ext = [(float(v.min()), float(v.max())) for v in (self.probs_logits(b) for b in range(len(self.sizes)))
+                   if v.numel()]
+            lo, hi = min(e[0] for e in ext) - 60.0, max(e[1] for e in ext) + 60.0  # g(lo) > budget > g(hi)
+            c = min(max(self.shift, lo), hi)
+            for _ in range(200):
+                g, slope = self._expected(c)
+                if abs(g - self.budget) <= 1e-9 * self.budget:
+                    break
+                if g > self.budget:
+                    lo = c
+                else:
+                    hi = c
+                newton = c - (g - self.budget) / slope if slope < 0 else float("nan")
+                c = newton if lo < newton < hi else 0.5 * (lo + hi)
+                if hi - lo <= 1e-12:
+                    break
+            self.shift = c
+        self.last_tau = self.shift
+        return self.shift
+
+    def probs_logits(self, b: int) -> torch.Tensor:
+        """Block b's logits z + theta_b (before the global shift)."""
+        return self.flat[self.offsets[b] : self.offsets[b] + self.sizes[b]] + float(self.theta[b])
+
+    def set_probs(self, probs: Sequence[torch.Tensor], project: bool = True) -> None:
+        raise NotImplementedError("a tied policy is set through its logits (init_from_scores)")
+
+    def init_uniform(self) -> None:
+        self.flat.zero_()
+        self.theta.zero_()
+        self.project()
+
+    def init_from_scores(self, score_of: Callable[[int], torch.Tensor], temperature: float = 1.0) -> None:
+        for b in range(len(self.sizes)):
+            sc = score_of(b).double().clamp_min(1e-300)
+            self.flat[self.offsets[b] : self.offsets[b] + self.sizes[b]] = (sc.log() / temperature).float().to(self.device)
+        self.theta.zero_()
+        self.project()
+
+    def _update(self, samples: list[MaskSample], adv: list[float]) -> None:
+        K = len(samples)
+        for b in range(len(self.sizes)):
+            s = self.probs(b).double()
+            fisher = float((s * (1 - s)).sum())
+            if fisher <= 0.0:
+                continue
+            g = sum(a * float((smp.mask(b).double() - s).sum()) for a, smp in zip(adv, samples) if a != 0.0)
+            self.theta[b] -= (self.lr / K) * g / math.sqrt(fisher)
+
+    @torch.no_grad()
+    def select(self, score_of: Callable[[int], torch.Tensor]) -> list[torch.Tensor]:
+        """Per block, bool keep-masks of the greedy-by-logit selection within the budget."""
+        keys = torch.empty(self.flat.shape, dtype=torch.int64, device=self.device)
+        for b in range(len(self.sizes)):
+            sl = slice(self.offsets[b], self.offsets[b] + self.sizes[b])
+            keys[sl] = logit_keys(self.probs_logits(b), score_of(b).to(self.device))
         views, costs = self._class_views(keys)
         chosen = torch.cat(greedy_select(views, costs, self.budget)) if views else torch.zeros(0, dtype=torch.bool)
         return [chosen[self.offsets[b] : self.offsets[b] + self.sizes[b]] for b in range(len(self.sizes))]
@@ -565,6 +692,57 @@ def block_scores(pools: list[_alloc.MatrixPool], blocks: list[Block]) -> Callabl
         v = p.s_abs[blk.start : blk.start + blk.nvar * blk.group].double() ** 2
         return (v.reshape(blk.nvar, blk.group).sum(1) / blk.group).float()
     return score
+
+
+@torch.no_grad()
+def activation_block_scores(model_dir: str, calib_ids: torch.Tensor, pools: list[_alloc.MatrixPool],
+                            blocks: list[Block], factors: dict, device: torch.device) -> Callable[[int], torch.Tensor]:
+    """Output energy per parameter of each variable on the calibration inputs of the dense model:
+    sigma_k^2 v_k^T H v_k / (m + n) for a component and S_ij^2 H_jj for an entry (mean over a
+    group), H = X^T X / tokens of the matrix's input X. [choice] The paper does not say how s
+    starts; [lineage] initialises from a Wanda-style activation metric, of which this is the
+    form that prices components and entries in the same unit (squared output error removed)."""
+    from transformers import AutoModelForCausalLM
+
+    from .methods.base import sequential_layers
+    from .modelio import weight_name
+
+    index = {p.name: i for i, p in enumerate(pools)}
+    blocks_of: dict[int, list[int]] = {}
+    for b, blk in enumerate(blocks):
+        blocks_of.setdefault(blk.matrix, []).append(b)
+    out: dict[int, torch.Tensor] = {}
+
+    def record(i, _layer, stats):
+        for short, st in stats.items():
+            j = index.get(weight_name(i, short))
+            if j is None:
+                continue
+            H = st.H / max(st.tokens, 1)
+            f, n = factors[pools[j].name], pools[j].shape[1]
+            for b in blocks_of.get(j, []):
+                blk = blocks[b]
+                if blk.kind == "rank":
+                    sl = slice(blk.start, blk.start + blk.nvar)
+                    V = f["V"][:, sl].to(H.device, torch.float64)
+                    sigma = f["sigma"][sl].to(H.device, torch.float64)
+                    e = sigma**2 * (V * (H @ V)).sum(0) / blk.cost
+                else:
+                    sl = slice(blk.start, blk.start + blk.nvar * blk.group)
+                    cols = f["S_index"][sl].to(H.device).long() % n
+                    e = f["S_values"][sl].to(H.device, torch.float64) ** 2 * torch.diagonal(H)[cols]
+                    e = e.reshape(blk.nvar, blk.group).mean(1)
+                out[b] = e.float().cpu()
+        return {}
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    sequential_layers(model, calib_ids, str(device), record, propagate="dense")
+    del model
+    missing = [b for b in range(len(blocks)) if b not in out]
+    if missing:
+        raise GlrsError(f"activation scores missing for {len(missing)} blocks (matrix {pools[blocks[missing[0]].matrix].name}); "
+                        "the prepared model does not match the RPCA files: rerun prepare_model and decompose")
+    return lambda b: out[b]
 
 
 def _space_capacity(pools: list[_alloc.MatrixPool], space: str) -> int:
@@ -728,18 +906,6 @@ def allocate_with_info(pools, density, params, seed, model_dir, rpca_files, cali
     dev = torch.device(device)
     blocks = build_blocks(pools, space, p["sparse_group_size"])
     dense = sum(q.dense for q in pools)
-    policy = BernoulliPolicy(
-        [b.nvar for b in blocks], [b.cost for b in blocks], budget, seed=seed, device=device, lr=p["lr"],
-        grad_eps=p["grad_eps"], baseline=p["baseline"], baseline_beta=p["baseline_beta"],
-        baseline_window=p["baseline_window"], samples_per_step=p["samples_per_step"],
-        prob_dtype=getattr(torch, p["prob_dtype"]),
-    )
-    scores = block_scores(pools, blocks)
-    if p["init"] == "magnitude":
-        policy.init_from_scores(scores, p["init_temperature"])
-    else:
-        policy.init_uniform()
-
     nseq = 0 if calib_ids is None else int(calib_ids.shape[0])
     per_epoch = math.ceil(nseq / p["batch_size"]) if nseq else 0
     steps = p["epochs"] * per_epoch
@@ -747,16 +913,37 @@ def allocate_with_info(pools, density, params, seed, model_dir, rpca_files, cali
         steps = min(steps, p["max_steps"])
     if p["epochs"] and not steps:
         raise GlrsError("CAP needs calibration sequences (calib_ids is empty); run the calibrate stage or set epochs: 0")
+    needs_model = steps > 0 or p["init"] == "activation"
+    if needs_model:
+        if calib_ids is None or calib_ids.dim() != 2 or calib_ids.shape[1] < 2:
+            shape = None if calib_ids is None else tuple(calib_ids.shape)
+            raise GlrsError(f"calibration ids must be [nsamples, seqlen >= 2], got {shape}; run the calibrate stage, "
+                            "or use init: magnitude with epochs: 0")
+        if model_dir is None:
+            raise GlrsError("CAP needs the prepared model directory for its forward passes (model_dir is None)")
+        factors = _read_factors(rpca_files, pools, space, dev, p["offload"])
+
+    Policy, lr = (TiedPolicy, p["logit_lr"]) if p["policy"] == "tied" else (BernoulliPolicy, p["lr"])
+    policy = Policy(
+        [b.nvar for b in blocks], [b.cost for b in blocks], budget, seed=seed, device=device, lr=lr,
+        grad_eps=p["grad_eps"], baseline=p["baseline"], baseline_beta=p["baseline_beta"],
+        baseline_window=p["baseline_window"], samples_per_step=p["samples_per_step"],
+        prob_dtype=getattr(torch, p["prob_dtype"]),
+    )
+    if p["init"] == "activation":
+        scores = activation_block_scores(model_dir, calib_ids, pools, blocks, factors, dev)
+    else:
+        scores = block_scores(pools, blocks)
+    if p["init"] == "uniform":
+        policy.init_uniform()
+    else:
+        policy.init_from_scores(scores, p["init_temperature"])
+
     info = {"space": space, "budget": budget, "steps": steps, "params": p, "cap_version": CAP_VERSION,
             "losses": [], "baselines": [], "skipped_steps": 0}
 
     if steps:
-        if calib_ids.dim() != 2 or calib_ids.shape[1] < 2:
-            raise GlrsError(f"calibration ids must be [nsamples, seqlen >= 2], got {tuple(calib_ids.shape)}")
-        if model_dir is None:
-            raise GlrsError("CAP needs the prepared model directory for its forward passes (model_dir is None)")
         dtype = getattr(torch, p["dtype"])
-        factors = _read_factors(rpca_files, pools, space, dev, p["offload"])
         model, modules = _load_model(model_dir, factors, dev, dtype)
         mats, by_index = [], {}
         for i, q in enumerate(pools):
@@ -787,7 +974,9 @@ def allocate_with_info(pools, density, params, seed, model_dir, rpca_files, cali
         finally:
             bar.close()
             engine.close()
-        del engine, model, modules, mats, factors
+        del engine, model, modules, mats
+    if needs_model:
+        del factors
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -99,6 +99,48 @@ def test_policy_moves_probability_to_the_components_that_matter(seed):
     assert chosen[1].tolist() == [True, True] + [False] * 6
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tied_policy_moves_budget_to_the_block_that_matters(seed):
+    """Three blocks, same importance scores inside each: block 0's entries cost loss when dropped (0.01
+    each), block 1's do not, block 2 (cost-5 components) costs 0.02 per dropped component. From equal
+    offsets, the learned offsets must rank the blocks by the loss per parameter of their marginal
+    candidate (block 0 above block 2 above block 1), the expected cost staying on the budget."""
+    sizes, costs, budget = [200, 200, 40], [1, 1, 5], 300
+    w = [0.01, 0.0, 0.02]
+    pol = cap.TiedPolicy(sizes, costs, budget, seed=seed, lr=0.2, baseline="loo", samples_per_step=2)
+    ramp = [torch.linspace(1.0, 2.0, n) for n in sizes]  # the same importance order inside each block
+    pol.init_from_scores(lambda b: ramp[b], temperature=0.25)
+    noise = torch.Generator().manual_seed(seed + 100)
+    start = [float(pol.probs(b).mean()) for b in range(3)]
+
+    def loss(sample):
+        dropped = sum(w[b] * float((1 - sample.mask(b).float()).sum()) for b in range(3))
+        return dropped + 0.05 * float(torch.randn((), generator=noise))
+
+    for _ in range(300):
+        pol.step(loss)
+        assert abs(pol.expected_cost() - budget) < 1e-6 * budget
+    theta = pol.theta.tolist()
+    assert theta[0] > theta[2] > theta[1], theta
+    kept = [float(pol.probs(b).mean()) for b in range(3)]
+    assert kept[0] > start[0] + 0.2 and kept[1] < start[1] - 0.2, (start, kept)
+    chosen = pol.select(lambda b: ramp[b])
+    assert sum(int(c.sum()) * k for c, k in zip(chosen, costs)) == budget
+    # inside a block the initial order is kept: the kept entries are a suffix of the ramp
+    for c in chosen:
+        idx = torch.nonzero(c).reshape(-1)
+        assert idx.numel() == 0 or torch.equal(idx, torch.arange(c.numel() - idx.numel(), c.numel()))
+
+
+def test_logit_keys_follow_float_order_across_signs():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.randn(1000, generator=gen) * 30, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 60.0, -60.0])])
+    keys = cap.logit_keys(x, torch.zeros_like(x))
+    assert bool((keys >= 0).all())
+    order_keys = torch.argsort(keys, stable=True)
+    assert torch.equal(x[order_keys], torch.sort(x, stable=True).values)
+
+
 def test_non_finite_loss_skips_the_step():
     pol = cap.BernoulliPolicy([4], [1], 2, seed=0)
     pol.init_uniform()
@@ -237,10 +279,13 @@ def test_float16_probabilities_and_uniform_init(tiny):
     assert kept <= allocate.budget_for(tiny["pools"], 0.4) and abs(kept / tiny["dense"] - 0.4) < 1e-3
 
 
-def test_without_steps_the_masks_are_the_greedy_energy_per_parameter_allocation(tiny):
-    """epochs 0: no model is needed; keeping by probability = keeping by sigma^2/(m+n) and v^2."""
+@pytest.mark.parametrize("policy", ["tied", "entry"])
+def test_without_steps_the_masks_are_the_greedy_energy_per_parameter_allocation(tiny, policy):
+    """epochs 0, magnitude init: no model is needed; keeping by probability (entry) or by
+    logit (tied) = keeping by sigma^2/(m+n) and v^2."""
     pools = tiny["pools"]
-    alloc, info = cap.allocate_with_info(pools, 0.5, {"epochs": 0}, 0, None, tiny["files"], None)
+    params = {"epochs": 0, "init": "magnitude", "policy": policy}
+    alloc, info = cap.allocate_with_info(pools, 0.5, params, 0, None, tiny["files"], None)
     assert info["steps"] == 0
     blocks = cap.build_blocks(pools, "cap", 1)
     score = cap.block_scores(pools, blocks)
