@@ -159,11 +159,11 @@ SPACES = ("cap", "lowrank-only", "sparse-only")
 ALLOC_PARAMS_DEFAULTS: dict = {
     "policy": "tied",          # tied ([departure], see TiedPolicy) | entry (the paper: one free probability per candidate)
     "lr": 0.05,                # [paper] policy entry: step size of s <- s - lr (L - delta) grad log p
-    "logit_lr": 0.2,           # policy tied: step size of the per-block logit offsets theta
+    "logit_lr": 0.1,           # policy tied: step size of the per-block logit offsets theta
     "epochs": 3,               # [paper "three iterations"] passes over the calibration sequences; 0 = init only
     "batch_size": 1,           # [choice] calibration sequences per policy-gradient step
-    "samples_per_step": 1,     # masks drawn (forward passes) per step; gradients averaged
-    "baseline": "ema",         # ema (paper) | window | loo (leave-one-out over the step's masks)
+    "samples_per_step": 2,     # [lineage] masks drawn (forward passes) per step; gradients averaged
+    "baseline": "loo",         # loo (leave-one-out over the step's masks) | ema (the paper) | window
     "baseline_beta": 0.8,      # [paper "window 5" -> 1 - 1/5] EMA weight of the old baseline
     "baseline_window": 5,      # losses averaged by baseline: window
     "grad_eps": 1.0e-6,        # eps in (m - s) / (s (1 - s) + eps)
@@ -559,9 +559,11 @@ class TiedPolicy(BernoulliPolicy):
     and how many sparse entries each matrix of each layer keeps -- while the order of
     candidates inside a matrix is the initial importance order.
 
-    Step: theta_b <- theta_b - lr * mean_k adv_k * sum_i (m_ik - s_i) / sqrt(sum_i s_i (1 - s_i)),
+    Step: theta_b <- theta_b - lr * mean_k a_k * sum_i (m_ik - s_i) / sqrt(sum_i s_i (1 - s_i)),
     i.e. the REINFORCE gradient of theta_b (d log p / d theta_b = sum_i (m_i - s_i)) scaled
-    by its Fisher information's square root, so one lr fits blocks of any size.
+    by its Fisher information's square root, so one lr fits blocks of any size, and with the
+    advantages a_k = adv_k / RMS(adv) normalised by their running RMS (EMA 0.9), so that lr is
+    in logit units per step whatever the scale of the loss differences.
     Projection: c by bisection so that sum cost * s = budget (the tied policy's
     equivalent of projecting s onto the budget). Final masks: candidates by logit."""
 
@@ -571,6 +573,7 @@ class TiedPolicy(BernoulliPolicy):
         self.flat.zero_()
         self.theta = torch.zeros(len(self.sizes), dtype=torch.float64)
         self.shift = 0.0
+        self.adv_sq: float | None = None  # running mean of advantage^2 (EMA 0.9): steps are in units of its RMS
 
     def probs(self, b: int) -> torch.Tensor:
         z = self.flat[self.offsets[b] : self.offsets[b] + self.sizes[b]]
@@ -636,6 +639,9 @@ class TiedPolicy(BernoulliPolicy):
 
     def _update(self, samples: list[MaskSample], adv: list[float]) -> None:
         K = len(samples)
+        mean_sq = sum(a * a for a in adv) / K
+        self.adv_sq = mean_sq if self.adv_sq is None else 0.9 * self.adv_sq + 0.1 * mean_sq
+        adv = [a / math.sqrt(self.adv_sq) for a in adv] if self.adv_sq > 0 else adv
         for b in range(len(self.sizes)):
             s = self.probs(b).double()
             fisher = float((s * (1 - s)).sum())
