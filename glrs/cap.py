@@ -168,6 +168,7 @@ ALLOC_PARAMS_DEFAULTS: dict = {
     "baseline_window": 5,      # losses averaged by baseline: window
     "grad_eps": 1.0e-6,        # eps in (m - s) / (s (1 - s) + eps)
     "init": "activation",      # activation | magnitude | uniform: the importance score behind the initial s
+    "init_scale": "matrix",    # matrix: scores as shares of their matrix's total | global: raw output energies
     "init_temperature": 0.25,  # s = sigmoid((ln score - c) / T); small T: masks sampled near each block's boundary
     "sparse_group_size": 1,    # sparse entries per Bernoulli variable (1 = per entry, the paper)
     "max_steps": 0,            # cap on steps (0: epochs * ceil(nsamples / batch_size))
@@ -208,6 +209,7 @@ def resolve_params(params: dict | None) -> dict:
         (p["policy"] in ("tied", "entry"), "policy must be tied or entry"),
         (number(p["logit_lr"]) and p["logit_lr"] > 0, "logit_lr must be a number > 0"),
         (p["init"] in ("activation", "magnitude", "uniform"), "init must be activation, magnitude or uniform"),
+        (p["init_scale"] in ("matrix", "global"), "init_scale must be matrix or global"),
         (number(p["init_temperature"]) and p["init_temperature"] > 0, "init_temperature must be a number > 0"),
         (_is_int(p["sparse_group_size"], 1), "sparse_group_size must be an integer >= 1"),
         (_is_int(p["max_steps"], 0), "max_steps must be an integer >= 0"),
@@ -702,10 +704,15 @@ def block_scores(pools: list[_alloc.MatrixPool], blocks: list[Block]) -> Callabl
 
 @torch.no_grad()
 def activation_block_scores(model_dir: str, calib_ids: torch.Tensor, pools: list[_alloc.MatrixPool],
-                            blocks: list[Block], factors: dict, device: torch.device) -> Callable[[int], torch.Tensor]:
+                            blocks: list[Block], factors: dict, device: torch.device,
+                            per_matrix: bool = True) -> Callable[[int], torch.Tensor]:
     """Output energy per parameter of each variable on the calibration inputs of the dense model:
     sigma_k^2 v_k^T H v_k / (m + n) for a component and S_ij^2 H_jj for an entry (mean over a
-    group), H = X^T X / tokens of the matrix's input X. [choice] The paper does not say how s
+    group), H = X^T X / tokens of the matrix's input X. With `per_matrix`, each divided by the
+    total over its matrix's candidates (sum of energy x cost): a share of that matrix's output
+    energy, comparable across layers whose activations differ in scale by orders of magnitude,
+    so that the initial allocation is balanced and the learned offsets do the cross-layer
+    calibration that a local proxy cannot. [choice] The paper does not say how s
     starts; [lineage] initialises from a Wanda-style activation metric, of which this is the
     form that prices components and entries in the same unit (squared output error removed)."""
     from transformers import AutoModelForCausalLM
@@ -748,6 +755,11 @@ def activation_block_scores(model_dir: str, calib_ids: torch.Tensor, pools: list
     if missing:
         raise GlrsError(f"activation scores missing for {len(missing)} blocks (matrix {pools[blocks[missing[0]].matrix].name}); "
                         "the prepared model does not match the RPCA files: rerun prepare_model and decompose")
+    if per_matrix:
+        for j, bs in blocks_of.items():
+            total = sum(float(out[b].double().sum()) * blocks[b].cost for b in bs)
+            for b in bs:
+                out[b] = out[b] / total if total > 0 else out[b]
     return lambda b: out[b]
 
 
@@ -937,7 +949,8 @@ def allocate_with_info(pools, density, params, seed, model_dir, rpca_files, cali
         prob_dtype=getattr(torch, p["prob_dtype"]),
     )
     if p["init"] == "activation":
-        scores = activation_block_scores(model_dir, calib_ids, pools, blocks, factors, dev)
+        scores = activation_block_scores(model_dir, calib_ids, pools, blocks, factors, dev,
+                                         per_matrix=p["init_scale"] == "matrix")
     else:
         scores = block_scores(pools, blocks)
     if p["init"] == "uniform":
