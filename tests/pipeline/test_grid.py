@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
@@ -26,7 +27,17 @@ def test_every_method_and_allocator_meets_the_budget(tmp_path, tiny_llama_dir):
     rows = list(csv.DictReader((tmp_path / "results" / "summary.csv").open()))
     seen = {(r["method"], r["allocator"]) for r in rows}
     assert seen == {("dense", "")} | {("cap", a) for a in ALLOCATORS} | {(m, "") for m in METHODS[1:]}
+    cfg = json.loads((tiny_llama_dir / "config.json").read_text())
+    largest_component = cfg["hidden_size"] + cfg["intermediate_size"]
     for r in rows:
-        if r["method"] != "dense":
+        if r["method"] == "dense":
+            continue
+        if r["allocator"] == "lowrank-only":
+            # components alone cost m + n each, on this tiny model up to ~0.3% of all its parameters:
+            # the greedy fill stops short of the budget by less than one component (within 0.1 pp on
+            # any real model, where m + n is ~1e-5 of the parameters)
+            dense = int(r["params_kept"]) / float(r["achieved_density"])
+            assert 0 <= 0.6 * dense - int(r["params_kept"]) < largest_component, r
+        else:
             assert abs(float(r["achieved_density"]) - 0.6) <= 1e-3, r
-            assert float(r["ppl_pydoc"]) > 1
+        assert float(r["ppl_pydoc"]) > 1

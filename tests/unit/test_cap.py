@@ -372,7 +372,8 @@ def test_parameters_are_validated():
     assert cap.resolve_params({}) == cap.ALLOC_PARAMS_DEFAULTS
     with pytest.raises(GlrsError, match="unknown"):
         cap.resolve_params({"learning_rate": 0.1})
-    for bad in ({"lr": 0}, {"baseline": "loo"}, {"sparse_group_size": 0}, {"init": "random"}, {"dtype": "int8"}):
+    for bad in ({"lr": 0}, {"baseline": "loo", "samples_per_step": 1}, {"sparse_group_size": 0}, {"init": "random"}, {"dtype": "int8"},
+                {"policy": "free"}, {"logit_lr": -1}, {"init_scale": "layer"}):
         with pytest.raises(GlrsError):
             cap.resolve_params(bad)
 
