@@ -25,6 +25,21 @@ m_k ~ Bernoulli(s_k), and one per nonzero of S, n_ij ~ Bernoulli(s_ij). A mask
 sample gives W~ = U diag(m * sigma) V^T + (n * S). Space "lowrank-only" has only
 the component variables and drops S entirely from W~; "sparse-only" has only the
 entry variables and drops L.
+  Parameterisation ([departure], `policy: tied`, the default; `policy: entry` is
+  the paper's): every candidate keeps its own Bernoulli variable, but its logit is
+  logit_i = z_i + theta_b - c, with z_i = ln(score_i) / T fixed by the
+  initialisation, one learned offset theta_b per block (one matrix's singular
+  components, or its sparse entries: 420 blocks for SmolLM2-135M) and one global
+  shift c that keeps the expected cost at B. REINFORCE then learns the paper's
+  question -- how much rank and how many sparse entries each matrix of each layer
+  keeps -- with a few hundred variables instead of ~10^7-10^9, and the order inside
+  a matrix is the initial importance order. Why: measured on SmolLM2-135M (H200,
+  whole held-out text, density 0.5), the untied per-entry policy after 384 steps
+  gave perplexity 2.0e7 against 8.9e3 at its own initialisation (one scalar loss per
+  mask cannot resolve 7e7 independent probabilities: each does a random walk and
+  the final top-probability masks turn near-random), while the tied policy improved
+  on its initialisation at every density (3490 -> 3060 at 0.5 after 128 steps).
+  See TiedPolicy for its step and projection.
   Optional grouping ([choice], off by default = the paper): with
   `sparse_group_size: G > 1`, G consecutive entries of one matrix's S in Stage 1's
   |value|-descending order share one variable (cost G). This divides the number
@@ -50,7 +65,7 @@ s <- s - lr * (L - delta) * (m - s) / (s (1 - s) + eps).
   "window" W as an EMA with weight 1/W, hence `baseline_beta: 0.8` = 1 - 1/5.
   `baseline: window` instead uses the plain mean of the last `baseline_window`
   losses, `baseline: loo` the leave-one-out mean of the other masks' losses on the
-  *same* batch (needs samples_per_step >= 2; [departure] option, not default: it
+  *same* batch (needs samples_per_step >= 2; [departure] the default, see Steps: it
   removes the variance that comes from the calibration batch's difficulty, which
   a moving average over different batches cannot). With samples_per_step K > 1
   the K per-mask gradients are averaged ([lineage] samples K = 2 masks per batch;
@@ -74,19 +89,32 @@ more strongly than an entry. [lineage] projects with a uniform shift (all costs
 equal there). Variables clipped to exactly 0 or 1 have zero gradient from then
 on (as in the lineage code).
 
-Initial probabilities. Not stated in the sources [choice]:
-  `init: magnitude` (default): score = energy kept per parameter, sigma_k^2/(m+n)
-    for a component and mean(v^2) over a variable's entries for S (the squared
-    Frobenius error each candidate removes per parameter it costs), and
-    s = sigmoid((ln score - c) / init_temperature) with c found by bisection so
-    that sum cost*s = B, then the exact projection. With no steps the final
-    masks are exactly the global greedy "most energy per parameter first"
-    allocation. [lineage] also starts from a metric-based initialisation.
+Initial probabilities. Not stated in the sources [choice]; s = sigmoid((ln score
+- c) / init_temperature) with c found by bisection so that sum cost*s = B, then the
+projection. T = 0.25 by default: samples differ from the top-score masks mostly
+near each block's boundary, which is where the allocation is decided.
+  `init: activation` (default): score = squared output error a candidate removes
+    per parameter it costs on the calibration inputs of the dense model,
+    sigma_k^2 v_k^T H v_k / (m+n) and S_ij^2 H_jj (H = X^T X / tokens); [lineage]
+    also starts from an activation (Wanda) metric. With `init_scale: matrix`
+    (default) each score is divided by its matrix's total, so scores are shares of
+    that matrix's output energy: comparable across layers, whose raw activation
+    energies differ by orders of magnitude. Measured (H200, no learning): matrix
+    scaling 9601 / 3490 / 1206 at density 0.4 / 0.5 / 0.6, raw (`init_scale:
+    global`) 16199 / 34029 / 11938, uniform allocation 25219 / 9203 / 3414.
+  `init: magnitude`: sigma_k^2/(m+n) for a component and mean(v^2) over a
+    variable's entries for S (Frobenius error removed per parameter). With no
+    steps the final masks are exactly the global greedy "most energy per parameter
+    first" allocation.
   `init: uniform`: s = B / capacity everywhere (already feasible).
 
 Steps. [paper] 128 C4 calibration sequences (the pipeline's `calibration`
-config sets the number and length), lr 0.05, "three iterations" [choice: read as
-3 epochs over the calibration set]. [choice] `batch_size: 1` calibration
+config sets the number and length), lr 0.05 (policy entry; the tied policy's
+`logit_lr` is in its own units), "three iterations" [choice: read as 3 epochs
+over the calibration set]. [departure] defaults `samples_per_step: 2` with
+`baseline: loo` ([lineage] draws 2 masks per batch): the two masks see the same
+batch, so its difficulty cancels from the advantage; the paper's moving average
+(`baseline: ema`) keeps it, and it dwarfs the effect of a mask. [choice] `batch_size: 1` calibration
 sequence per step, so 128 x 3 = 384 steps with the paper's data; the order of
 sequences is a seeded permutation per epoch. `max_steps > 0` caps the steps.
 

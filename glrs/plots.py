@@ -52,29 +52,59 @@ PANELS = [("rank_share", "kept rank / min(m, n)"), ("sparse_density", "kept spar
           ("density", "kept parameters / (m·n)")]
 
 
+def _stage1_identity(info: dict) -> tuple:
+    """What Stage 1 offered each matrix: allocations with equal identities share one Stage 1."""
+    return tuple(sorted((n, m["rank_available"], m["nnz_available"]) for n, m in info["matrices"].items()))
+
+
+def density_minus(info: dict, ref: dict) -> tuple[np.ndarray, list[int]]:
+    """layers x matrices kept density of `info` minus that of `ref` (same Stage 1)."""
+    if _stage1_identity(info) != _stage1_identity(ref):
+        raise ValueError("the two allocations come from different Stage-1 outputs")
+    grid, layers = _grid(info, "density")
+    return grid - _grid(ref, "density")[0], layers
+
+
 def plot_allocation(alloc_jsons: list[str], out: str | Path) -> None:
     """One row per allocation run: heat maps over layer x matrix of kept rank, kept sparse
-    entries and total kept density — the per-layer redundancy the global allocation finds."""
+    entries and total kept density -- the per-layer redundancy the global allocation finds --
+    and, where a uniform allocation of the same density on the same Stage 1 exists, the
+    difference of kept density from it (red: more than uniform, blue: less)."""
     infos = [json.loads(Path(p).read_text()) for p in alloc_jsons]
-    infos.sort(key=lambda i: (i["allocator"], i["target_density"]))
+    infos.sort(key=lambda i: (i["allocator"], i["target_density"], json.dumps(i.get("allocator_params"), sort_keys=True)))
+    uniform = {(i["target_density"], _stage1_identity(i)): i for i in infos if i["allocator"] == "uniform"}
     n = len(infos)
-    fig, axes = plt.subplots(n, len(PANELS), figsize=(4.2 * len(PANELS), 0.9 + 0.13 * _n_layers(infos) * n + 0.6 * n),
+    cols = len(PANELS) + 1
+    fig, axes = plt.subplots(n, cols, figsize=(4.2 * cols, 0.9 + 0.13 * _n_layers(infos) * n + 0.6 * n),
                              squeeze=False)
     for row, info in enumerate(infos):
+        title = f"{info['allocator']} @ density {info['target_density']}"
+        if "epochs" in (info.get("allocator_params") or {}):
+            title += f", {info['allocator_params']['epochs']} epochs"
         for col, (field, label) in enumerate(PANELS):
-            ax = axes[row, col]
             grid, layers = _grid(info, field)
-            im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=max(1e-9, np.nanmax(grid)),
-                           interpolation="nearest")
-            ax.set_xticks(range(len(MATRICES)), MATRICES)
-            step = max(1, len(layers) // 10)
-            ax.set_yticks(range(0, len(layers), step), [str(layers[i]) for i in range(0, len(layers), step)])
-            ax.set_ylabel("layer")
-            ax.set_xlabel("matrix")
-            ax.set_title(f"{info['allocator']} @ density {info['target_density']}\n{label}")
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+            _heat(fig, axes[row, col], grid, layers, f"{title}\n{label}", "viridis", 0, max(1e-9, np.nanmax(grid)))
+        ax = axes[row, -1]
+        ref = uniform.get((info["target_density"], _stage1_identity(info)))
+        if ref is None or ref is info:
+            ax.axis("off")
+            continue
+        diff, layers = density_minus(info, ref)
+        lim = max(1e-9, float(np.nanmax(np.abs(diff))))
+        _heat(fig, axes[row, -1], diff, layers, f"{title}\nkept parameters / (m·n) minus uniform's", "RdBu_r", -lim, lim)
     fig.tight_layout()
     _save(fig, out)
+
+
+def _heat(fig, ax, grid: np.ndarray, layers: list[int], title: str, cmap: str, vmin: float, vmax: float) -> None:
+    im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.set_xticks(range(len(MATRICES)), MATRICES)
+    step = max(1, len(layers) // 10)
+    ax.set_yticks(range(0, len(layers), step), [str(layers[i]) for i in range(0, len(layers), step)])
+    ax.set_ylabel("layer")
+    ax.set_xlabel("matrix")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
 
 
 def _n_layers(infos: list[dict]) -> int:

@@ -122,3 +122,29 @@ def test_write_versions(tmp_path):
     assert versions["package"] == "version"
     assert {"python", "glrs", "torch", "transformers", "snakemake", "lm_eval"} <= set(versions)
     assert yaml.safe_load((tmp_path / "c.yaml").read_text()) == {"model": "m", "seed": 0}
+
+
+def test_allocation_difference_from_uniform_is_per_layer_and_matrix(tmp_path):
+    def info(allocator, kept):
+        mats = {}
+        for layer, short, rank, nnz in kept:
+            mats[f"model.layers.{layer}.{short}"] = {"layer": layer, "matrix": short, "shape": [4, 8], "rank": rank,
+                                                    "nnz": nnz, "rank_available": 4, "nnz_available": 32}
+        return {"allocator": allocator, "target_density": 0.5, "matrices": mats}
+
+    uni = info("uniform", [(0, "q", 1, 4), (1, "q", 1, 4)])
+    cap = info("cap", [(0, "q", 2, 0), (1, "q", 0, 16)])
+    diff, layers = plots.density_minus(cap, uni)
+    assert layers == [0, 1]
+    q = plots.MATRICES.index("q")
+    assert diff[0, q] == (2 * 12 - (12 + 4)) / 32 and diff[1, q] == (16 - 16) / 32
+    other = info("uniform", [(0, "q", 1, 4), (1, "q", 1, 4)])
+    other["matrices"]["model.layers.0.q"]["rank_available"] = 3
+    with pytest.raises(ValueError, match="Stage-1"):
+        plots.density_minus(cap, other)
+    paths = []
+    for name, i in (("u", uni), ("c", cap)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(i))
+    plots.plot_allocation([str(p) for p in paths], tmp_path / "a.png")
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
