@@ -154,7 +154,8 @@ checkpoint dtype, S indices as int32 when m*n < 2^31) and all probabilities on
 layer's factors are copied to the device, inside the same pre-hook: the forward
 is still layer by layer over the calibration batch, with one decoder layer's
 factors on the device at a time. The probabilities always stay on the device
-(every projection step reads all of them); `prob_dtype: float16` halves them.
+(every projection step reads all of them); `prob_dtype: float16` halves them for
+`policy: entry`; the tied policy keeps one float32 logit per candidate instead.
 For a 7B Llama (6.5e9 target parameters, ~65% of them S entries): 4.3e9
 probabilities = 17 GB float32 (8.6 GB float16); resident factors add ~9 GB of S
 values (bf16) + 17 GB of int32 indices + U, V; non-target weights ~1 GB. So 7B
