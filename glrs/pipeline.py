@@ -137,22 +137,31 @@ def materialize(model_dir: str, rpca_files: list[str], masks_file: str, alloc_js
             factors[name] = parts
             shapes[name] = m["shape"]
             dense_weights[name] = compressed.compose(**parts, shape=tuple(m["shape"]))
-    manifest = modelio.read_manifest(model_dir)
-    info = {
-        **run_info,
-        "model": manifest["spec"],
-        "model_fp": manifest["fingerprint"],
-        "target_density": alloc_info["target_density"],
-        "achieved_density": alloc_info["achieved_density"],
-        "params_kept": compressed.factored_parameter_count(factors),
-        "params_dense": alloc_info["params_dense"],
-        "shapes": shapes,
-    }
-    with cas.atomic_dir(out) as tmp:
-        compressed.save_factored(factors, tmp / compressed.FACTORED, info)
-        compressed.write_dense_export(Path(model_dir), dense_weights, tmp / compressed.DENSE_DIR)
-        cas.write_json_atomic(tmp / "info.json", {k: v for k, v in info.items() if k != "shapes"})
+    info = _model_record(
+        model_dir, run_info,
+        target_density=alloc_info["target_density"],
+        achieved_density=alloc_info["achieved_density"],
+        params_kept=compressed.factored_parameter_count(factors),
+        params_dense=alloc_info["params_dense"],
+    )
+    _write_compressed(out, model_dir, factors, dense_weights, info, shapes)
     return info
+
+
+def _model_record(model_dir: str, run_info: dict, **fields) -> dict:
+    """What every compressed model's info.json holds: the run, the source model, then `fields`."""
+    manifest = modelio.read_manifest(model_dir)
+    return {**run_info, "model": manifest["spec"], "model_fp": manifest["fingerprint"], **fields}
+
+
+def _write_compressed(out: str, model_dir: str, factors: dict | None, dense_weights: dict, info: dict,
+                      shapes: dict) -> None:
+    """Factored checkpoint (when the method has one), dense HF export and info.json, all or nothing."""
+    with cas.atomic_dir(out) as tmp:
+        if factors is not None:
+            compressed.save_factored(factors, tmp / compressed.FACTORED, info | {"shapes": shapes})
+        compressed.write_dense_export(Path(model_dir), dense_weights, tmp / compressed.DENSE_DIR)
+        cas.write_json_atomic(tmp / "info.json", info)
 
 
 def compress_baseline(model_dir: str, calib_file: str, method: str, density: float, params: dict, seed: int,
@@ -168,23 +177,15 @@ def compress_baseline(model_dir: str, calib_file: str, method: str, density: flo
     shapes = base.target_shapes(model)
     with gpuslots.device_slot(device) as dev:
         result = impl.compress(model, load_calibration(calib_file), density, params, seed, dev)
-    dense = sum(m * n for m, n in shapes.values())
-    manifest = modelio.read_manifest(model_dir)
-    info = {
-        **run_info,
-        "model": manifest["spec"],
-        "model_fp": manifest["fingerprint"],
-        "target_density": density,
-        "achieved_density": base.density_of(result.params_kept, shapes),
-        "params_kept": sum(result.params_kept.values()),
-        "params_dense": dense,
-        "details": result.details,
-    }
-    with cas.atomic_dir(out) as tmp:
-        if result.factors is not None:
-            compressed.save_factored(result.factors, tmp / compressed.FACTORED, info | {"shapes": {k: list(v) for k, v in shapes.items()}})
-        compressed.write_dense_export(Path(model_dir), result.weights, tmp / compressed.DENSE_DIR)
-        cas.write_json_atomic(tmp / "info.json", info)
+    info = _model_record(
+        model_dir, run_info,
+        target_density=density,
+        achieved_density=base.density_of(result.params_kept, shapes),
+        params_kept=sum(result.params_kept.values()),
+        params_dense=sum(m * n for m, n in shapes.values()),
+        details=result.details,
+    )
+    _write_compressed(out, model_dir, result.factors, result.weights, info, {k: list(v) for k, v in shapes.items()})
     return info
 
 
