@@ -149,7 +149,7 @@ def _read_summary(summary_csv: str | Path) -> list[dict]:
 def series_label(row: dict, models: set[str]) -> str:
     """'cap/<allocator>' for CAP rows, the method name otherwise (prefixed by the model when several)."""
     label = f"{row['method']}/{row['allocator']}" if row["method"] == "cap" and row.get("allocator") else row["method"]
-    return f"{row['model']}: {label}" if len(models) > 1 else label
+    return f"{Path(str(row['model'])).name}: {label}" if len(models) > 1 else label
 
 
 def _num(value) -> float | None:
@@ -160,10 +160,16 @@ def _num(value) -> float | None:
     return None if v != v else v
 
 
-def _metric_vs_density(rows: list[dict], metric, ylabel: str, title: str, logy: bool):
+def _metric_vs_density(rows: list[dict], metric, ylabel: str, title: str, logy: bool, protocol: str = ""):
     """One line per method (cap: per allocator) of metric(row) against achieved density; the dense
-    model as a horizontal dashed line. Returns the Figure (not yet saved)."""
+    model as a horizontal dashed line. When the rows hold several evaluation protocols (column
+    `protocol` of the summary), each gets its own lines, labelled with it. Returns the Figure."""
     models = {r["model"] for r in rows}
+    protocols = {r.get(protocol, "") for r in rows if metric(r) is not None} if protocol else set()
+
+    def tag(r) -> str:
+        return f" [{r.get(protocol, '')}]" if len(protocols) > 1 else ""
+
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     series: dict[str, list[tuple[float, float]]] = {}
     dense: list[tuple[str, float]] = []
@@ -172,17 +178,18 @@ def _metric_vs_density(rows: list[dict], metric, ylabel: str, title: str, logy: 
         if y is None:
             continue
         if r["method"] == "dense":
-            dense.append((r["model"], y))
+            dense.append((Path(str(r["model"])).name + tag(r), y))
             continue
         x = _num(r.get("achieved_density")) or _num(r.get("target_density"))
         if x is not None:
-            series.setdefault(series_label(r, models), []).append((x, y))
+            series.setdefault(series_label(r, models) + tag(r), []).append((x, y))
     colours = plt.get_cmap("tab20").colors  # distinct colours for up to 20 methods / allocators
     for i, label in enumerate(sorted(series)):
         pts = sorted(series[label])
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1.6, label=label, color=colours[2 * i % 20 + (2 * i // 20)])
     for model, y in dense:
-        ax.axhline(y, ls="--", color="black", lw=1.2, label=f"dense ({model})" if len(models) > 1 else "dense")
+        ax.axhline(y, ls="--", color="black", lw=1.2,
+                   label=f"dense ({model})" if len(models) > 1 or len(protocols) > 1 else "dense")
     if logy:
         from matplotlib.ticker import FuncFormatter, NullFormatter
 
@@ -213,7 +220,7 @@ def ppl_vs_density_figure(rows: list[dict]):
         return _num(r.get(col))
 
     return _metric_vs_density(rows, metric, f"perplexity on {dataset} (log scale; lower is better)",
-                              f"Perplexity vs density ({dataset})", logy=True)
+                              f"Perplexity vs density ({dataset})", logy=True, protocol=f"eval_{dataset}")
 
 
 def zeroshot_vs_density_figure(rows: list[dict]):
@@ -226,7 +233,7 @@ def zeroshot_vs_density_figure(rows: list[dict]):
 
     tasks = ", ".join(c[len("acc_"):] for c in cols) or "none"
     return _metric_vs_density(rows, metric, "mean zero-shot accuracy (%)",
-                              f"Zero-shot accuracy vs density (mean over {tasks})", logy=False)
+                              f"Zero-shot accuracy vs density (mean over {tasks})", logy=False, protocol="zeroshot_limit")
 
 
 def plot_ppl_vs_density(summary_csv: str | Path, out: str | Path) -> None:

@@ -24,9 +24,9 @@ def column_safe(name: str) -> str:
 
 
 def _bench_seconds(results: Path, pattern: str) -> float | None:
-    """Sum of wall seconds over the Snakemake benchmark TSVs matching `pattern`."""
+    """Sum of wall seconds over the Snakemake benchmark TSVs matching `pattern` ('|' joins patterns)."""
     total, found = 0.0, False
-    for tsv in results.glob(pattern):
+    for tsv in (t for pat in pattern.split("|") for t in results.glob(pat)):
         rows = list(csv.DictReader(tsv.read_text().splitlines(), delimiter="\t"))
         if rows:
             total += float(rows[-1]["s"])
@@ -49,27 +49,57 @@ def _stage_patterns(rec: dict) -> dict[str, str]:
             pats["materialize"] = f"bench/materialize/{target}.tsv"
         else:
             pats["compress"] = f"bench/compress/{target}.tsv"
-    pats["evaluate_ppl"] = f"bench/evaluate_ppl/{target}/*.tsv"
-    pats["evaluate_zeroshot"] = f"bench/evaluate_zeroshot/{target}/*.tsv"
     return {k: v for k, v in pats.items() if v}
 
 
+def _eval_bench(metrics_file: Path) -> tuple[str, str]:
+    """(stage, benchmark TSV relative to results/) of one metrics file: metrics/T/ppl-D-K.json was
+    timed in bench/evaluate_ppl/T/D-K.tsv, metrics/T/zeroshot-K.json in bench/evaluate_zeroshot/T/K.tsv."""
+    target, stem = metrics_file.parent.name, metrics_file.stem
+    if stem.startswith("zeroshot-"):
+        return "evaluate_zeroshot", f"bench/evaluate_zeroshot/{target}/{stem[len('zeroshot-'):]}.tsv"
+    return "evaluate_ppl", f"bench/evaluate_ppl/{target}/{stem[len('ppl-'):]}.tsv"
+
+
+def _record_columns(rec: dict) -> dict:
+    """The columns one metrics record fills: a perplexity with its protocol (tokens, seqlen and
+    text fingerprint: the offline text is the running Python's own docs and differs between
+    Python versions), or zero-shot accuracies with their example limit."""
+    if rec.get("kind", "ppl") == "ppl":
+        ds = column_safe(rec["dataset"])
+        return {f"ppl_{ds}": round(rec["ppl"], 4),
+                f"eval_{ds}": f"{rec.get('tokens')} tokens x{rec.get('seqlen')} text {str(rec.get('text_sha256', ''))[:10]}"}
+    cols = {f"acc_{column_safe(task)}": round(acc, 4) for task, acc in rec["accuracy"].items()}
+    return cols | {"zeroshot_limit": "all" if rec.get("limit") is None else rec["limit"]}
+
+
 def collect_rows(results: str | Path = "results") -> list[dict]:
+    """One row per evaluated model and evaluation protocol. Records of one model that agree on every
+    column they share join one row; a record that would overwrite a value measured under another
+    protocol (another text, token count or zero-shot limit) starts a row of its own, so that no row
+    mixes protocols."""
     results = Path(results)
-    rows: dict[tuple, dict] = {}
+    rows: dict[tuple, list[dict]] = {}
     for path in sorted(results.glob("metrics/*/*.json")):
         rec = json.loads(path.read_text())
         ident = tuple(rec.get(c) for c in ("model_fp", "method", "allocator", "target_density", "seed", "comp_key"))
-        row = rows.setdefault(ident, {c: rec.get(c, "") for c in ID_COLUMNS} | {"_rec": rec})
-        if rec.get("kind", "ppl") == "ppl":
-            row[f"ppl_{column_safe(rec['dataset'])}"] = round(rec["ppl"], 4)
+        cols = _record_columns(rec)
+        group = rows.setdefault(ident, [])
+        for row in group:
+            if all(row.get(k, v) == v for k, v in cols.items()):
+                break
         else:
-            for task, acc in rec["accuracy"].items():
-                row[f"acc_{column_safe(task)}"] = round(acc, 4)
+            row = {c: rec.get(c, "") for c in ID_COLUMNS} | {"_rec": rec}
+            group.append(row)
+        row.update(cols)
+        row.setdefault("_evals", []).append(_eval_bench(path))
     out = []
-    for row in rows.values():
+    for row in (r for group in rows.values() for r in group):
         rec = row.pop("_rec")
-        for stage, pattern in _stage_patterns(rec).items():
+        patterns = _stage_patterns(rec)
+        for stage, pattern in row.pop("_evals"):  # only the evaluations this row reports
+            patterns[stage] = f"{patterns[stage]}|{pattern}" if stage in patterns else pattern
+        for stage, pattern in patterns.items():
             seconds = _bench_seconds(results, pattern)
             if seconds is not None:
                 row[f"seconds_{stage}"] = seconds
@@ -82,7 +112,7 @@ def collect_rows(results: str | Path = "results") -> list[dict]:
 def write_summary(results: str | Path, out: str | Path) -> list[dict]:
     rows = collect_rows(results)
     extra = sorted({k for r in rows for k in r} - set(ID_COLUMNS),
-                   key=lambda c: (not c.startswith("ppl_"), not c.startswith("acc_"), c))
+                   key=lambda c: (not c.startswith("ppl_"), not c.startswith("acc_"), not c.startswith("eval_"), c))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=ID_COLUMNS + extra, lineterminator="\n")
     writer.writeheader()

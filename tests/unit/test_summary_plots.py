@@ -116,6 +116,30 @@ def test_summary_merges_zeroshot_and_ppl_records(tmp_path):
     assert header.index("ppl_pydoc") < header.index("acc_glrs_cloze")
 
 
+def test_summary_keeps_evaluation_protocols_apart(tmp_path):
+    """The same model measured on two texts / token counts (another max_tokens, another Python's docs)
+    gives two rows, each with its own protocol and its own evaluation time, never one mixed row."""
+    run = {"method": "dense", "allocator": "", "model": "tiny", "model_fp": "ab", "model_key": "mk",
+           "comp_key": "", "seed": "", "target_density": 1.0, "achieved_density": 1.0, "params_kept": 10}
+    metrics = tmp_path / "metrics" / "dense-mk"
+    metrics.mkdir(parents=True)
+    for key, tokens, ppl, secs in (("a", 16384, 10.9, 3.0), ("b", 71680, 10.6, 11.0)):
+        rec = run | {"dataset": "pydoc", "ppl": ppl, "tokens": tokens, "seqlen": 2048, "text_sha256": "f" * 64}
+        (metrics / f"ppl-pydoc-{key}.json").write_text(json.dumps(rec))
+        _bench(tmp_path / "bench" / "evaluate_ppl" / "dense-mk" / f"pydoc-{key}.tsv", secs)
+    (metrics / "zeroshot-z.json").write_text(json.dumps(run | {"kind": "zeroshot", "limit": 40,
+                                                                "accuracy": {"glrs_cloze": 0.5}}))
+    rows = summary.write_summary(tmp_path, tmp_path / "summary.csv")
+    assert len(rows) == 2
+    by_tokens = {r["eval_pydoc"].split()[0]: r for r in rows}
+    assert by_tokens["16384"]["ppl_pydoc"] == 10.9 and by_tokens["16384"]["seconds_evaluate_ppl"] == 3.0
+    assert by_tokens["71680"]["ppl_pydoc"] == 10.6 and by_tokens["71680"]["seconds_evaluate_ppl"] == 11.0
+    assert sum(r.get("acc_glrs_cloze") == 0.5 for r in rows) == 1  # the zero-shot record joins one row
+    fig = plots.ppl_vs_density_figure(plots._read_summary(tmp_path / "summary.csv"))
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert any("16384 tokens" in lab for lab in labels) and any("71680 tokens" in lab for lab in labels)
+
+
 def test_write_versions(tmp_path):
     summary.write_versions({"model": "m", "seed": 0}, tmp_path / "v.csv", tmp_path / "c.yaml")
     versions = dict(csv.reader((tmp_path / "v.csv").read_text().splitlines()))
