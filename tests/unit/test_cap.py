@@ -296,6 +296,41 @@ def test_without_steps_the_masks_are_the_greedy_energy_per_parameter_allocation(
         assert torch.equal(got, w)
 
 
+def test_activation_scores_are_output_energy_per_parameter(tiny):
+    """init: activation prices a component sigma_k^2 v_k^T H v_k / (m + n) and an entry S_ij^2 H_jj, with
+    H = X^T X / tokens of the matrix's input in the dense model; init_scale matrix divides by the
+    matrix's total. Checked against hooks on a direct forward pass of the dense model."""
+    from transformers import AutoModelForCausalLM
+
+    pools = tiny["pools"]
+    blocks = cap.build_blocks(pools, "cap", 1)
+    factors = cap._read_factors(tiny["files"], pools, "cap", torch.device("cpu"), offload=False)
+    raw = cap.activation_block_scores(tiny["model_dir"], tiny["ids"], pools, blocks, factors, torch.device("cpu"),
+                                      per_matrix=False)
+    scaled = cap.activation_block_scores(tiny["model_dir"], tiny["ids"], pools, blocks, factors, torch.device("cpu"))
+    model = AutoModelForCausalLM.from_pretrained(tiny["model_dir"], dtype=torch.float32).eval()
+    name = pools[blocks[0].matrix].name
+    grams = []
+    handle = model.get_submodule(name.removesuffix(".weight")).register_forward_pre_hook(
+        lambda _m, args: grams.append(args[0].reshape(-1, args[0].shape[-1]).double()))
+    with torch.no_grad():
+        model(tiny["ids"])
+    handle.remove()
+    X = torch.cat(grams)
+    H = X.T @ X / X.shape[0]
+    f, (m, n) = factors[name], pools[blocks[0].matrix].shape
+    mine = [b for b, blk in enumerate(blocks) if pools[blk.matrix].name == name]
+    rank_b = next(b for b in mine if blocks[b].kind == "rank")
+    sparse_b = next(b for b in mine if blocks[b].kind == "sparse")
+    V, sigma = f["V"].double(), f["sigma"].double()
+    want_rank = sigma**2 * torch.einsum("nk,nm,mk->k", V, H, V) / (m + n)
+    want_sparse = f["S_values"].double() ** 2 * torch.diagonal(H)[f["S_index"].long() % n]
+    torch.testing.assert_close(raw(rank_b).double(), want_rank, rtol=1e-4, atol=0)
+    torch.testing.assert_close(raw(sparse_b).double(), want_sparse, rtol=1e-4, atol=0)
+    total = float(want_rank.sum()) * (m + n) + float(want_sparse.sum())
+    torch.testing.assert_close(scaled(rank_b).double(), want_rank / total, rtol=1e-4, atol=0)
+
+
 # ---- (4) determinism ---------------------------------------------------------------------------------------------
 
 def test_same_seed_same_masks_and_offload_changes_nothing(tiny):
