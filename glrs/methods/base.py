@@ -492,28 +492,6 @@ def spend_remainder(ranks: dict[str, int], by_unit: dict[int, list[str]], rest: 
         for name in by_unit[u][:c]:
             ranks[name] += 1
     return ranks
-    limit = int(math.ceil(rest)) + max(units)
-    g = 0
-    for u in units:
-        g = math.gcd(g, u)
-    # reachable sums (in units of g) -> counts per unit that reach them
-    reach: dict[int, tuple[int, ...]] = {0: tuple(0 for _ in units)}
-    for ui, u in enumerate(units):
-        step, cap = u // g, len(by_unit[u])
-        new = dict(reach)
-        for s, counts in reach.items():
-            for c in range(1, cap + 1):
-                t = s + c * step
-                if t * g > limit:
-                    break
-                if t not in new:
-                    new[t] = counts[:ui] + (c,) + counts[ui + 1:]
-        reach = new
-    best = min(reach, key=lambda s: (abs(s * g - rest), s))
-    for u, c in zip(units, reach[best]):
-        for name in by_unit[u][:c]:
-            ranks[name] += 1
-    return ranks
 
 
 def density_of(params_kept: dict[str, int], shapes: dict[str, tuple[int, int]]) -> float:

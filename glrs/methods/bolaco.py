@@ -209,30 +209,6 @@ def round_ranks(targets: dict[str, float], shapes: dict[str, tuple[int, int]], b
     for u in by_unit:
         by_unit[u].sort(key=lambda k: (-frac[k], k))
     return spend_remainder(ranks, by_unit, rest)
-    units = sorted(by_unit)
-    for u in units:
-        by_unit[u].sort(key=lambda k: (-frac[k], k))
-    g = 0
-    for u in units:
-        g = math.gcd(g, u)
-    limit = int(math.ceil(rest)) + max(units)
-    reach: dict[int, tuple[int, ...]] = {0: tuple(0 for _ in units)}
-    for ui, u in enumerate(units):
-        step, cap = u // g, len(by_unit[u])
-        new = dict(reach)
-        for s, counts in reach.items():
-            for c in range(1, cap + 1):
-                t = s + c * step
-                if t * g > limit:
-                    break
-                if t not in new:
-                    new[t] = counts[:ui] + (c,) + counts[ui + 1:]
-        reach = new
-    best = min(reach, key=lambda s: (abs(s * g - rest), s))
-    for u, c in zip(units, reach[best]):
-        for name in by_unit[u][:c]:
-            ranks[name] += 1
-    return ranks
 
 
 def project_ratios(raw: dict[str, float], group_params: dict[str, int], budget: float) -> dict[str, float]:
