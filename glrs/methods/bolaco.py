@@ -105,7 +105,7 @@ import torch
 
 from ..errors import GlrsError
 from ..modelio import weight_name
-from .base import (LayerStats, MethodOutput, assert_density, check_density, decoder_layers,
+from .base import (LayerStats, MethodOutput, assert_density, check_density, decoder_layers, low_rank_factors,
                    sequential_layers, spend_remainder, target_modules, target_shapes)
 
 DEFAULTS = {
@@ -438,9 +438,12 @@ class Bolaco:
             best = study.best_trial
             best_raw = {k: best.params[k] for k in keys}
             best_ratios, best_ranks = allocation(best_raw)
-            weights = {}
+            weights, factors = {}, {}
             for name, r in best_ranks.items():
                 weights[name] = build(name, r).to("cpu")
+                Q = bases[name][:, :r].to(device)
+                V = (Q.T @ originals[name].to(device, torch.float32)).T
+                factors[name] = low_rank_factors(Q, torch.ones(r, device=device), V, originals[name].dtype)
         finally:
             with torch.no_grad():
                 for name, w in originals.items():
@@ -449,8 +452,11 @@ class Bolaco:
             model.train(was_training)
 
         for name in shapes:
-            if name not in weights:
+            if name not in weights:  # kept dense: in the factored form, rank 0 and every entry sparse
                 weights[name] = modules[name].weight.detach().to("cpu").clone()
+                m, n = shapes[name]
+                factors[name] = low_rank_factors(torch.zeros(m, 0), torch.zeros(0), torch.zeros(n, 0), weights[name].dtype,
+                                                 torch.arange(m * n), weights[name].reshape(-1))
         params_kept = dict(dense_kept)
         for name, r in best_ranks.items():
             params_kept[name] = r * sum(shapes[name])
@@ -479,7 +485,8 @@ class Bolaco:
             "achieved_density": achieved,
             "seconds": time.time() - t0,
         }
-        return MethodOutput(weights=weights, params_kept=params_kept, details=details)
+        return MethodOutput(weights=weights, params_kept=params_kept, details=details,
+                            factors={name: factors[name] for name in shapes})
 
 
 BOLACO = Bolaco()

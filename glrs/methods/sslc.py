@@ -68,8 +68,8 @@ import torch
 
 from ..errors import GlrsError
 from ..modelio import weight_name
-from .base import (MethodOutput, assert_density, check_density, exact_count, sequential_layers, target_modules,
-                   target_shapes)
+from .base import (MethodOutput, assert_density, check_density, exact_count, low_rank_factors, sequential_layers,
+                   target_modules, target_shapes)
 
 DEFAULTS = {
     "rank_ratio": 0.25,
@@ -222,7 +222,7 @@ class SSLCMethod:
         p = _params(params)
         shapes = target_shapes(model)
         gen = torch.Generator().manual_seed(int(seed))
-        weights, params_kept, per_matrix = {}, {}, {}
+        weights, params_kept, per_matrix, factors = {}, {}, {}, {}
 
         def compress_layer(i, layer, stats):
             mods = target_modules(layer)
@@ -240,6 +240,9 @@ class SSLCMethod:
                 loss = activation_loss(W, W_hat, st.H)
                 new[short] = W_hat.to(W.dtype)
                 weights[name] = new[short].to("cpu")
+                # boolean indexing reads the mask row-major, so S_values are already in ascending flat-index order
+                factors[name] = low_rank_factors(parts["U"], parts["s"], parts["V"], W.dtype,
+                                                 parts["mask"].reshape(-1).nonzero().squeeze(1), parts["S_values"])
                 params_kept[name] = r * (m + n) + int(parts["mask"].sum())
                 tr = parts["trace"]
                 per_matrix[name] = {
@@ -271,7 +274,8 @@ class SSLCMethod:
             "achieved_density": achieved,
             "seconds": time.time() - t0,
         }
-        return MethodOutput(weights=weights, params_kept=params_kept, details=details)
+        return MethodOutput(weights=weights, params_kept=params_kept, details=details,
+                            factors={name: factors[name] for name in shapes})
 
 
 SSLC = SSLCMethod()  # registry attribute: glrs.methods registers ("sslc", "SSLC")
