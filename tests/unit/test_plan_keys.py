@@ -1,0 +1,166 @@
+"""Keys change when they must (DESIGN.md section 4), checked on the whole Plan that make_plan returns.
+
+Changing a stage's code version or one of its parameters must change that
+stage's key and every key and path downstream of it, and nothing upstream or
+beside it. The plan is flattened into nodes (one per stage output: the model,
+Stage 1, calibration, each run's allocation and compressed model, each
+evaluation protocol, each metrics file); `DOWNSTREAM` is the DAG of
+DESIGN.md section 3 written out by hand, and every change below is checked
+against its closure exactly.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+
+import pytest
+
+from glrs import allocate, compressed, config as glrs_config, data, evaluate, modelio, plan as glrs_plan, rpca, zeroshot
+
+
+@pytest.fixture(scope="module")
+def base_config(tiny_llama_dir):
+    cfg = glrs_config.load()
+    cfg |= {"model": str(tiny_llama_dir), "layers": "all", "methods": ["cap", "wanda"],
+            "allocators": ["uniform", "cap"], "target_density": [0.4, 0.5]}
+    cfg["evaluation"]["zeroshot"]["tasks"] = ["glrs_cloze"]
+    return cfg
+
+
+def nodes(p: glrs_plan.Plan) -> dict[str, str]:
+    """Every key and path of the plan, by the stage output it names."""
+    out = {"model": p.model_key, "model_dir": p.model_dir, "rpca": p.rpca_key, "rpca_files": "|".join(p.rpca_files),
+           "calib": p.calib_key, "calib_file": p.calib_file, "zeroshot": p.zeroshot_key}
+    for ds, key in p.eval_keys.items():
+        out[f"eval:{ds}"] = key
+        out[f"metrics:dense:{ds}"] = p.metrics_file(p.dense_target, ds)
+    out["zs:dense"] = p.zeroshot_file(p.dense_target)
+    for r in p.runs:
+        if r.alloc_key:
+            out[f"alloc:{r.label}"] = r.alloc_key
+            out[f"alloc_files:{r.label}"] = p.alloc_json(r) + "|" + p.alloc_masks(r)
+        out[f"comp:{r.label}"] = r.comp_key
+        out[f"comp_dir:{r.label}"] = p.compressed_dir(r)
+        for ds in p.eval_keys:
+            out[f"metrics:{r.label}:{ds}"] = p.metrics_file(r.comp_key, ds)
+        out[f"zs:{r.label}"] = p.zeroshot_file(r.comp_key)
+    return out
+
+
+def downstream(p: glrs_plan.Plan) -> dict[str, set[str]]:
+    """Direct successors of each node (DESIGN.md section 3)."""
+    ds_list = list(p.eval_keys)
+    g: dict[str, set[str]] = {
+        "model": {"model_dir", "rpca_files", "calib_file", "rpca", "calib", "zs:dense"} | {f"metrics:dense:{d}" for d in ds_list},
+        "rpca": {"rpca_files"} | {f"alloc:{r.label}" for r in p.cap_runs},
+        "calib": {"calib_file"} | {f"alloc:{r.label}" for r in p.cap_runs if r.allocator in allocate.NEEDS_CALIBRATION}
+                 | {f"comp:{r.label}" for r in p.baseline_runs},
+        "zeroshot": {f"zs:{r.label}" for r in p.runs} | {"zs:dense"},
+    }
+    for d in ds_list:
+        g[f"eval:{d}"] = {f"metrics:{r.label}:{d}" for r in p.runs} | {f"metrics:dense:{d}"}
+    for r in p.runs:
+        if r.alloc_key:
+            g[f"alloc:{r.label}"] = {f"alloc_files:{r.label}", f"comp:{r.label}"}
+        g[f"comp:{r.label}"] = {f"comp_dir:{r.label}", f"zs:{r.label}"} | {f"metrics:{r.label}:{d}" for d in ds_list}
+    return g
+
+
+def closure(p: glrs_plan.Plan, roots: set[str]) -> set[str]:
+    g, seen, todo = downstream(p), set(), list(roots)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo += g.get(n, ())
+    return seen
+
+
+def changed(before: dict, after: dict) -> set[str]:
+    assert before.keys() == after.keys()
+    return {k for k in before if before[k] != after[k]}
+
+
+def labels(p, pred) -> set[str]:
+    return {r.label for r in p.runs if pred(r)}
+
+
+def _set(cfg: dict, path: str, value):
+    *head, last = path.split(".")
+    for k in head:
+        cfg = cfg.setdefault(k, {})
+    cfg[last] = value
+
+
+# (what is changed, how, the nodes it reaches first)
+VERSION_CHANGES = [
+    ("model", modelio, "PREPARE_VERSION", lambda p: {"model"}),
+    ("rpca", rpca, "RPCA_VERSION", lambda p: {"rpca"}),
+    ("calib", data, "DATA_VERSION", lambda p: {"calib"}),
+    ("alloc", allocate, "ALLOC_VERSION", lambda p: {f"alloc:{r.label}" for r in p.cap_runs}),
+    ("cap", "glrs.cap", "CAP_VERSION", lambda p: {f"alloc:{r.label}" for r in p.cap_runs if r.allocator == "cap"}),
+    ("materialize", compressed, "MATERIALIZE_VERSION", lambda p: {f"comp:{r.label}" for r in p.cap_runs}),
+    ("baseline", glrs_plan, "BASELINE_VERSION", lambda p: {f"comp:{r.label}" for r in p.baseline_runs}),
+    ("wanda", "glrs.methods.wanda:Wanda", "version", lambda p: {f"comp:{r.label}" for r in p.baseline_runs if r.method == "wanda"}),
+    ("eval", evaluate, "EVAL_VERSION", lambda p: {f"eval:{d}" for d in p.eval_keys}),
+    ("zeroshot", zeroshot, "ZEROSHOT_VERSION", lambda p: {"zeroshot"}),
+]
+
+
+@pytest.mark.parametrize("stage,module,attr,roots", VERSION_CHANGES, ids=[c[0] for c in VERSION_CHANGES])
+def test_code_version_reaches_exactly_its_downstream(stage, module, attr, roots, base_config, monkeypatch):
+    before_plan = glrs_plan.make_plan(copy.deepcopy(base_config))
+    before = nodes(before_plan)
+    if isinstance(module, str):
+        module, _, cls = module.partition(":")
+        mod = importlib.import_module(module)
+        mod = getattr(mod, cls) if cls else mod
+    else:
+        mod = module
+    monkeypatch.setattr(mod, attr, getattr(mod, attr, 1) + 1, raising=False)
+    after_plan = glrs_plan.make_plan(copy.deepcopy(base_config))
+    expected = closure(before_plan, roots(before_plan))
+    assert expected, "the change must reach something"
+    assert changed(before, nodes(after_plan)) == expected
+    monkeypatch.undo()  # revert: the old keys are found again
+    assert nodes(glrs_plan.make_plan(copy.deepcopy(base_config))) == before
+
+
+PARAM_CHANGES = [
+    ("dtype", "dtype", "bfloat16",
+     lambda p: {"model", "zeroshot"} | {f"eval:{d}" for d in p.eval_keys}),  # the model's dtype is also the evaluation's
+    ("rpca.tol", "rpca.tol", 1e-5, lambda p: {"rpca"}),
+    ("calibration.nsamples", "calibration.nsamples", 16, lambda p: {"calib"}),
+    ("seed", "seed", 1, lambda p: {"calib", "zeroshot"} | {f"alloc:{r.label}" for r in p.cap_runs}
+     | {f"comp:{r.label}" for r in p.baseline_runs}),
+    ("uniform.rank_fraction", "allocator_params.uniform.rank_fraction", 0.25,
+     lambda p: {f"alloc:{r.label}" for r in p.cap_runs if r.allocator == "uniform"}),
+    ("cap.lr", "allocator_params.cap.lr", 0.5,
+     lambda p: {f"alloc:{r.label}" for r in p.cap_runs if r.allocator == "cap"}),
+    ("wanda.batch_size", "method_params.wanda.batch_size", 8,
+     lambda p: {f"comp:{r.label}" for r in p.baseline_runs if r.method == "wanda"}),
+    ("evaluation.seqlen", "evaluation.seqlen", 128, lambda p: {f"eval:{d}" for d in p.eval_keys}),
+    ("zeroshot.limit", "evaluation.zeroshot.limit", 10, lambda p: {"zeroshot"}),
+]
+
+
+@pytest.mark.parametrize("name,path,value,roots", PARAM_CHANGES, ids=[c[0] for c in PARAM_CHANGES])
+def test_parameter_reaches_exactly_its_downstream(name, path, value, roots, base_config):
+    before_plan = glrs_plan.make_plan(copy.deepcopy(base_config))
+    cfg = copy.deepcopy(base_config)
+    _set(cfg, path, value)
+    after_plan = glrs_plan.make_plan(cfg)
+    assert [r.label for r in after_plan.runs] == [r.label for r in before_plan.runs]
+    expected = closure(before_plan, roots(before_plan))
+    assert expected
+    assert changed(nodes(before_plan), nodes(after_plan)) == expected
+
+
+def test_density_sweep_shares_everything_upstream_of_allocation(base_config):
+    """Adding a density adds runs; every existing key, and every key upstream of allocation, is kept."""
+    before = nodes(glrs_plan.make_plan(copy.deepcopy(base_config)))
+    cfg = copy.deepcopy(base_config)
+    cfg["target_density"] = [0.4, 0.5, 0.6]
+    after = nodes(glrs_plan.make_plan(cfg))
+    assert {k: after[k] for k in before} == before
+    assert len(after) > len(before)
