@@ -147,6 +147,7 @@ def run(args: argparse.Namespace) -> None:
                                       args.calib, args.json_out, args.masks_out, args.device)
         print(f"{args.allocator}: target density {info['target_density']}, achieved {info['achieved_density']:.5f}")
     elif c == "materialize":
+        pipeline.check_readable(args.masks, "allocation masks", "delete it and its .json and rerun its allocate job")
         pipeline.materialize(args.model_dir, args.rpca, args.masks, args.alloc_json, args.run_info, args.out)
     elif c == "compress":
         info = pipeline.compress_baseline(args.model_dir, args.calib, args.method, args.density, args.params, args.seed,

@@ -81,8 +81,21 @@ def calibrate(model_dir: str, params: dict, seed: int, out: str) -> dict:
 
 
 def load_calibration(path: str | Path) -> torch.Tensor:
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor("input_ids")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor("input_ids")
+    except Exception as e:
+        raise GlrsError(f"cannot read calibration ids {path}: {e}; delete the file and rerun its calibrate job") from e
+
+
+def check_readable(path: str | Path, what: str, fix: str) -> None:
+    """Open a safetensors intermediate's header (cheap) so that a truncated or damaged file, which
+    safetensors reports without its name, becomes a GlrsError naming the file and the fix."""
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as e:
+        raise GlrsError(f"cannot read {what} {path}: {e}; {fix}") from e
 
 
 # ---- Stage 2 ----------------------------------------------------------------------------------
@@ -90,6 +103,8 @@ def load_calibration(path: str | Path) -> torch.Tensor:
 def run_allocator(rpca_files: list[str], allocator: str, density: float, params: dict, seed: int,
                   model_dir: str | None, calib_file: str | None, json_out: str, masks_out: str,
                   device: str = "auto") -> dict:
+    for path in rpca_files:
+        check_readable(path, "RPCA factors", "delete the file and rerun its decompose job")
     pools = allocate.load_pools(rpca_files)
     if allocator == "uniform":
         alloc = allocate.uniform(pools, density, **params)
