@@ -4,7 +4,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-import time
 
 import pytest
 
@@ -20,16 +19,18 @@ def _clean_env(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-def _hold(n_devices, lock_dir, got, release):
+def _hold(n_devices, lock_dir, got, release, trying=None):
+    if trying is not None:
+        trying.set()
     with gpuslots.acquire_gpu(n_devices, lock_dir, poll=0.02) as dev:
         got.put((os.getpid(), dev))
         release.wait(30)
 
 
-def _hold_then_crash(n_devices, lock_dir, got):
+def _hold_then_crash(n_devices, lock_dir, got, never):
     with gpuslots.acquire_gpu(n_devices, lock_dir) as dev:
         got.put(dev)
-        time.sleep(60)  # killed before this ends
+        never.wait(60)  # never set: the test kills this process while it holds the slot
 
 
 def test_concurrent_processes_get_distinct_slots(tmp_path):
@@ -46,14 +47,19 @@ def test_concurrent_processes_get_distinct_slots(tmp_path):
 
 
 def test_more_jobs_than_gpus_wait_for_a_free_slot(tmp_path):
-    got, release = CTX.Queue(), CTX.Event()
-    procs = [CTX.Process(target=_hold, args=(2, tmp_path, got, release)) for _ in range(3)]
+    got, release, trying = CTX.Queue(), CTX.Event(), CTX.Event()
+    procs = [CTX.Process(target=_hold, args=(2, tmp_path, got, release)) for _ in range(2)]
     for p in procs:
         p.start()
     first = [got.get(timeout=30) for _ in range(2)]
     assert sorted(d for _, d in first) == ["cuda:0", "cuda:1"]
-    time.sleep(0.3)
-    assert got.empty()  # the third job waits
+    procs.append(CTX.Process(target=_hold, args=(2, tmp_path, got, release, trying)))
+    procs[-1].start()
+    assert trying.wait(30)  # the third job has started asking for a slot
+    with pytest.raises(TimeoutError):  # and there is none to give: both are held
+        with gpuslots.acquire_gpu(2, tmp_path, timeout=0.2, poll=0.02):
+            pass
+    assert got.empty()  # so the third job is still waiting
     release.set()  # the first two leave; the third gets one of their slots
     _, third = got.get(timeout=30)
     assert third in ("cuda:0", "cuda:1")
@@ -72,7 +78,7 @@ def test_slot_is_freed_when_the_block_ends(tmp_path):
 
 def test_slot_is_freed_when_the_holder_crashes(tmp_path):
     got = CTX.Queue()
-    p = CTX.Process(target=_hold_then_crash, args=(1, tmp_path, got))
+    p = CTX.Process(target=_hold_then_crash, args=(1, tmp_path, got, CTX.Event()))
     p.start()
     assert got.get(timeout=30) == "cuda:0"
     with pytest.raises(TimeoutError):
