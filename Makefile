@@ -14,9 +14,19 @@ $(BIN)/glrs: pyproject.toml envs/constraints-cpu.txt
 
 install: $(BIN)/glrs
 
+# One line per finished job; VERBOSE=1 make demo shows Snakemake's whole log instead.
 demo: install
-	$(BIN)/snakemake --cores $(CORES)
-	$(BIN)/glrs summary results/summary.csv
+	@$(BIN)/python -m glrs.progress $(if $(VERBOSE),--verbose) -- --cores $(CORES)
+	@echo "writing results/report.html (snakemake --report)"
+	@$(BIN)/snakemake --cores $(CORES) --report results/report.html \
+		$(if $(VERBOSE),,> results/logs/report.log 2>&1 || { tail -n 30 results/logs/report.log; exit 1; })
+	@echo
+	@$(BIN)/glrs summary results/summary.csv
+	@echo
+	@echo "Open:"
+	@echo "  results/report.html    the report (any browser, offline): summary, figures with captions, config, versions"
+	@echo "  results/summary.csv    every column: .venv/bin/glrs summary --wide (--csv for scripts)"
+	@for f in results/plots/*.png; do echo "  $$f"; done
 
 test: install
 	bash tests/system-deps.sh

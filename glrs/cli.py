@@ -96,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sample", type=int, default=2)
     s.add_argument("--seed", type=int, default=0)
 
-    s = sub.add_parser("summary", help="print summary.csv as a table")
+    s = sub.add_parser("summary", help="print summary.csv: a compact table (120 columns), every column (--wide) or CSV (--csv)")
     s.add_argument("csv", nargs="?", default="results/summary.csv")
+    s.add_argument("--wide", action="store_true", help="every column of summary.csv (with --csv: as CSV)")
+    s.add_argument("--csv", dest="as_csv", action="store_true",
+                   help="CSV for scripts: the compact columns at full precision (with --wide: every column)")
+    s.add_argument("--width", type=int, default=120, help="the compact table's width in characters (default 120)")
 
     s = sub.add_parser("plot-allocation", help="heat maps of kept rank and kept sparse entries per layer x matrix")
     s.add_argument("--alloc-json", nargs="+", required=True)
@@ -176,7 +180,7 @@ def run(args: argparse.Namespace) -> None:
     elif c == "summary":
         from .summary import print_summary
 
-        print_summary(args.csv)
+        print_summary(args.csv, wide=args.wide, as_csv=args.as_csv, width=args.width)
     elif c == "plot-allocation":
         from .plots import plot_allocation
 

@@ -121,17 +121,223 @@ def write_summary(results: str | Path, out: str | Path) -> list[dict]:
     return rows
 
 
-def print_summary(csv_path: str | Path) -> None:
-    import pandas as pd
+# `glrs summary`: the compact table (default), every column (--wide), or CSV for scripts (--csv).
+COMPACT_WIDTH = 120
+_TEXT_COLUMNS = {"model", "model_fp", "method", "allocator", "seed"}
 
+
+def read_summary(csv_path: str | Path) -> tuple[list[str], list[dict]]:
+    """(header, rows) of a summary CSV, every value a string ('' where empty)."""
     from .errors import GlrsError
 
     if not Path(csv_path).is_file():
         raise GlrsError(f"{csv_path} does not exist yet; run the pipeline first (snakemake --cores all)")
-    df = pd.read_csv(csv_path, keep_default_na=False)
-    df["model_fp"] = df["model_fp"].astype(str).str[:10]
-    with pd.option_context("display.max_columns", None, "display.width", 200):
-        print(df.to_string(index=False))
+    reader = csv.DictReader(Path(csv_path).read_text().splitlines())
+    rows = [{k: ("" if v is None else v) for k, v in r.items() if k is not None} for r in reader]
+    return list(reader.fieldnames or []), rows
+
+
+def _float(value) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if out != out else out  # NaN reads as missing
+
+
+def sort_rows(rows: list[dict]) -> list[dict]:
+    """Each method's rows together, dense first; then by method, allocator, model, seed and target density
+    (each curve of the figures reads top to bottom)."""
+    def key(r):
+        density = _float(r.get("target_density"))
+        return (r.get("method") != "dense", str(r.get("method", "")), str(r.get("allocator", "")),
+                str(r.get("model", "")), str(r.get("seed", "")), 1.0 if density is None else density)
+
+    return sorted(rows, key=key)
+
+
+def mean_accuracy(row: dict, acc_columns: list[str]) -> float | None:
+    """Mean zero-shot accuracy (0..1) over the tasks this row has; a missing task is left out, not counted as 0."""
+    accs = [a for a in (_float(row.get(c)) for c in acc_columns) if a is not None]
+    return sum(accs) / len(accs) if accs else None
+
+
+def total_seconds(row: dict) -> float | None:
+    """Wall seconds of every stage this row's result went through (sum of its seconds_<stage> columns)."""
+    secs = [s for s in (_float(v) for k, v in row.items() if k.startswith("seconds_")) if s is not None]
+    return round(sum(secs), 3) if secs else None
+
+
+def model_names(models: list[str]) -> dict[str, str]:
+    """Model spec -> display name: the last path component (a .gguf file, a directory, a hub id's name),
+    unless two different specs would then read the same."""
+    short = {m: Path(str(m).rstrip("/")).name or str(m) for m in models}
+    clash = {s for s in short.values() if sum(v == s for v in short.values()) > 1}
+    return {m: (m if s in clash else s) for m, s in short.items()}
+
+
+def _fmt_ppl(value) -> str:
+    v = _float(value)
+    if v is None:
+        return ""
+    return f"{v:.2f}" if abs(v) < 1e5 else f"{v:.2e}"
+
+
+def _fmt_seconds(value) -> str:
+    if value is None:
+        return ""
+    s = int(round(value))
+    if value < 60:
+        return f"{value:.1f}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _fmt_density(value) -> str:
+    v = _float(value)
+    if v is None:
+        return ""
+    text = f"{v:.4f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+def _varying(rows: list[dict], column: str) -> bool:
+    """More than one value among the rows that have one (the dense rows have no seed or lambda)."""
+    return len({str(r.get(column, "")) for r in rows} - {""}) > 1
+
+
+def compact_columns(header: list[str], rows: list[dict]) -> list[tuple[str, str, callable]]:
+    """(CSV name, table heading, value of a row) of the compact view. Beyond the fixed columns, a column
+    appears only when it tells rows apart: the seed, the RPCA lambda scale, the evaluation protocol."""
+    ppl = [c for c in header if c.startswith("ppl_")]
+    acc = sorted(c for c in header if c.startswith("acc_"))
+    names = model_names(sorted({str(r.get("model", "")) for r in rows}))
+    cols = [("model", "model", lambda r: names.get(str(r.get("model", "")), str(r.get("model", "")))),
+            ("method", "method", lambda r: r.get("method", "")),
+            ("allocator", "allocator", lambda r: r.get("allocator", ""))]
+    if _varying(rows, "rpca_lambda_scale"):
+        cols.append(("rpca_lambda_scale", "lambda", lambda r: r.get("rpca_lambda_scale", "")))
+    if _varying(rows, "seed"):
+        cols.append(("seed", "seed", lambda r: r.get("seed", "")))
+    cols += [("target_density", "target", lambda r: r.get("target_density", "")),
+             ("achieved_density", "achieved", lambda r: r.get("achieved_density", ""))]
+    for c in ppl:
+        cols.append((c, "ppl" if len(ppl) == 1 else f"ppl {c[len('ppl_'):]}", lambda r, c=c: r.get(c, "")))
+    protocol = [c for c in header if (c.startswith("eval_") or c == "zeroshot_limit") and _varying(rows, c)]
+    if protocol:
+        def proto(r):
+            parts = [f"{str(r.get(c, '')).split(' ')[0]} tok" for c in protocol if c.startswith("eval_") and r.get(c)]
+            return " ".join(parts + [f"zs {r.get('zeroshot_limit')}" for c in protocol
+                                     if c == "zeroshot_limit" and r.get(c) != ""])
+        cols.append(("protocol", "protocol", proto))
+    if acc:
+        cols.append(("acc_mean", "acc %", lambda r: mean_accuracy(r, acc)))
+    cols.append(("seconds_total", "time", total_seconds))
+    return cols
+
+
+def _ellipsize(text: str, width: int) -> str:
+    """`text` cut to `width` characters by removing its middle (both ends of a model name tell)."""
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return text[:width]
+    head = width // 2
+    return text[:head] + "\u2026" + text[len(text) - (width - 1 - head):]
+
+
+def _render(headings: list[str], cells: list[list[str]], numeric: list[bool], sep: str = "  ") -> list[str]:
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headings)]
+    def line(values):
+        return sep.join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+    return [line(headings)] + [line(row) for row in cells]
+
+
+def compact_table(header: list[str], rows: list[dict], width: int = COMPACT_WIDTH) -> str:
+    """The default `glrs summary`: one line per row, at most `width` characters (long model names and
+    then allocator names are shortened in the middle), and a legend under it."""
+    rows = sort_rows(rows)
+    cols = compact_columns(header, rows)
+    filled = [any(value(r) not in ("", None) for r in rows) or name == "method" for name, _, value in cols]
+    cols = [c for c, keep in zip(cols, filled) if keep]  # a column empty in every row says nothing
+    headings = [h for _, h, _ in cols]
+    numeric = [name not in _TEXT_COLUMNS and name != "protocol" for name, _, _ in cols]
+    cells = []
+    for r in rows:
+        line = []
+        for name, _, value in cols:
+            v = value(r)
+            if name.startswith("ppl_"):
+                v = _fmt_ppl(v)
+            elif name.endswith("_density"):
+                v = _fmt_density(v)
+            elif name == "acc_mean":
+                v = "" if v is None else f"{100 * v:.1f}"
+            elif name == "seconds_total":
+                v = _fmt_seconds(v)
+            line.append(str(v))
+        cells.append(line)
+    names = [n for n, _, _ in cols]
+    for shrink in ("model", "allocator", "protocol"):  # shorten text columns, middle first, until the table fits
+        over = max(map(len, _render(headings, cells, numeric))) - width
+        if over <= 0 or shrink not in names:
+            continue
+        i = names.index(shrink)
+        keep = max(len(headings[i]), max([0] + [len(row[i]) for row in cells]) - over, 6)
+        for row in cells:
+            row[i] = _ellipsize(row[i], keep)
+    ppl = [c[len("ppl_"):] for c in header if c.startswith("ppl_")]
+    acc = sorted(c[len("acc_"):] for c in header if c.startswith("acc_"))
+    legend = [f"{len(rows)} rows. target, achieved: kept share of the compressed layers' parameters. "
+              f"ppl: perplexity{f' on {ppl[0]}' if len(ppl) == 1 else ''}."]
+    if acc:
+        legend.append("acc %: mean zero-shot accuracy over " + ", ".join(acc) + ".")
+    legend.append("time: wall time of every stage behind the row. Every column: glrs summary --wide; CSV: --csv.")
+    return "\n".join(_render(headings, cells, numeric) + [""] + _wrap(legend, width)) + "\n"
+
+
+def _wrap(lines: list[str], width: int) -> list[str]:
+    import textwrap
+
+    return [w for line in lines for w in textwrap.wrap(line, width, subsequent_indent="  ")]
+
+
+def wide_table(header: list[str], rows: list[dict]) -> str:
+    """Every column of the summary (model fingerprints cut to 10 characters), rows sorted as the compact table."""
+    rows = sort_rows(rows)
+    cells = [[str(r.get(c, ""))[:10] if c == "model_fp" else str(r.get(c, "")) for c in header] for r in rows]
+    numeric = [c not in _TEXT_COLUMNS and not c.startswith("eval_") for c in header]
+    return "\n".join(_render(header, cells, numeric)) + "\n"
+
+
+def summary_csv_text(header: list[str], rows: list[dict], wide: bool = False) -> str:
+    """CSV for scripts: the compact columns (mean accuracy as a fraction, total time in seconds, full
+    precision), or with `wide` every column; rows sorted as the table."""
+    rows = sort_rows(rows)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    if wide:
+        writer.writerow(header)
+        writer.writerows([r.get(c, "") for c in header] for r in rows)
+    else:
+        cols = [(n, v) for n, _, v in compact_columns(header, rows)]
+        cols[0] = ("model", lambda r: r.get("model", ""))  # the full spec, not the display name
+        writer.writerow([n for n, _ in cols])
+        for r in rows:
+            writer.writerow(["" if (x := v(r)) is None else x for _, v in cols])
+    return buf.getvalue()
+
+
+def print_summary(csv_path: str | Path, wide: bool = False, as_csv: bool = False, width: int = COMPACT_WIDTH) -> None:
+    header, rows = read_summary(csv_path)
+    if as_csv:
+        text = summary_csv_text(header, rows, wide)
+    elif wide:
+        text = wide_table(header, rows)
+    else:
+        text = compact_table(header, rows, width)
+    print(text, end="")
 
 
 VERSIONED = ["python", "glrs", "torch", "transformers", "snakemake", "lm_eval", "numpy", "matplotlib", "safetensors"]
