@@ -26,7 +26,7 @@ import torch
 
 from .errors import GlrsError
 
-DATA_VERSION = 2
+DATA_VERSION = 3  # 3: calibration files record their conditions (glrs.conditions)
 OFFLINE = ("pydoc", "python-docs")
 ONLINE = ("wikitext2", "c4")
 SPLIT_RULE = ("document goes to evaluation iff int(sha256(name)[:8], 16) % 2 == 0; "

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import allocate, cas, compressed, data, gpuslots, modelio, rpca
+from . import allocate, cas, compressed, conditions, data, gpuslots, modelio, rpca
 from .errors import GlrsError
 
 
@@ -27,12 +27,20 @@ def decompose_layer(model_dir: str, layer: int, params: dict, out: str, device: 
 
 
 def _decompose(weights: dict[str, torch.Tensor], layer: int, params: dict, out: str, device: str) -> dict:
+    """The file's metadata records the conditions of its bytes (glrs.conditions); the CPU math runs
+    under the fixed SOLVER_THREADS, so the job's thread count is not one of them."""
+    with conditions.pinned_threads(conditions.SOLVER_THREADS):
+        return _decompose_pinned(weights, layer, params, out, device)
+
+
+def _decompose_pinned(weights: dict[str, torch.Tensor], layer: int, params: dict, out: str, device: str) -> dict:
     tensors, matrices = {}, {}
     for short, W in weights.items():
         lam = params["lambda_scale"] * rpca.default_lambda(tuple(W.shape))
         res = rpca.rpca(
             W, lam=lam, tol=params["tol"], max_iter=params["max_iter"], rho=params["rho"],
             mu_factor=params["mu_factor"], dtype=getattr(torch, params["dtype"]), device=device,
+            threads=conditions.SOLVER_THREADS,
         )
         values, index = rpca.sort_sparse(res.S)
         store = W.dtype
@@ -51,7 +59,8 @@ def _decompose(weights: dict[str, torch.Tensor], layer: int, params: dict, out: 
             "rank": int(res.sigma.numel()),
             "nnz": int(values.numel()),
         }
-    meta = {"layer": layer, "matrices": matrices, "params": params}
+    cond = conditions.current(device, params["dtype"], threads=conditions.SOLVER_THREADS)
+    meta = {"layer": layer, "matrices": matrices, "params": params, "conditions": cond}
     with cas.atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata={"glrs": cas.canonical_json(meta)})
     return meta
@@ -74,7 +83,8 @@ def calibrate(model_dir: str, params: dict, seed: int, out: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     text = data.load_text(params["dataset"], "calibration")
     ids = data.calibration_samples(data.tokenize(tokenizer, text), params["nsamples"], params["seqlen"], seed)
-    meta = {"dataset": text.dataset, "split": text.split, "text_sha256": text.fingerprint, "seed": seed, **params}
+    meta = {"dataset": text.dataset, "split": text.split, "text_sha256": text.fingerprint, "seed": seed, **params,
+            "conditions": conditions.current("cpu") | conditions.packages("tokenizers", "transformers")}
     with cas.atomic_path(out) as tmp:
         save_file({"input_ids": ids.contiguous()}, str(tmp), metadata={"glrs": cas.canonical_json(meta)})
     return meta
@@ -106,6 +116,7 @@ def run_allocator(rpca_files: list[str], allocator: str, density: float, params:
     for path in rpca_files:
         check_readable(path, "RPCA factors", "delete the file and rerun its decompose job")
     pools = allocate.load_pools(rpca_files)
+    used = "cpu"
     if allocator == "uniform":
         alloc = allocate.uniform(pools, density, **params)
     elif allocator == "rpca-threshold":
@@ -114,12 +125,14 @@ def run_allocator(rpca_files: list[str], allocator: str, density: float, params:
         from . import cap
 
         with gpuslots.device_slot(device) as dev:
+            used = dev
             alloc = cap.allocate(pools, density, params, seed, model_dir, rpca_files, load_calibration(calib_file),
                                  space=allocator, device=dev)
     else:
         raise GlrsError(f"unknown allocator {allocator!r}; use one of {', '.join(allocate.ALLOCATORS)}")
     info = allocate.summarize(pools, alloc, density)
     info |= {"allocator": allocator, "allocator_params": params, "seed": seed}
+    info |= {"inputs": conditions.input_keys(rpca_files, calib_file), "conditions": conditions.current(used)}
     allocate.save(alloc, info, json_out, masks_out)
     return info
 
@@ -170,9 +183,11 @@ def _model_record(model_dir: str, run_info: dict, **fields) -> dict:
 
 
 def _write_compressed(out: str, model_dir: str, factors: dict | None, dense_weights: dict, info: dict,
-                      shapes: dict) -> None:
-    """Factored checkpoint (when the method has one), dense HF export and info.json, all or nothing."""
+                      shapes: dict, device: str = "cpu") -> None:
+    """Factored checkpoint (when the method has one), dense HF export, info.json and conditions.json
+    (glrs.conditions: what the bytes depend on), all or nothing."""
     with cas.atomic_dir(out) as tmp:
+        cas.write_json_atomic(tmp / "conditions.json", conditions.current(device))
         if factors is not None:
             compressed.save_factored(factors, tmp / compressed.FACTORED, info | {"shapes": shapes})
         compressed.write_dense_export(Path(model_dir), dense_weights, tmp / compressed.DENSE_DIR)
@@ -192,6 +207,7 @@ def compress_baseline(model_dir: str, calib_file: str, method: str, density: flo
     shapes = base.target_shapes(model)
     with gpuslots.device_slot(device) as dev:
         result = impl.compress(model, load_calibration(calib_file), density, params, seed, dev)
+        used = dev
     info = _model_record(
         model_dir, run_info,
         target_density=density,
@@ -200,7 +216,7 @@ def compress_baseline(model_dir: str, calib_file: str, method: str, density: flo
         params_dense=sum(m * n for m, n in shapes.values()),
         details=result.details,
     )
-    _write_compressed(out, model_dir, result.factors, result.weights, info, {k: list(v) for k, v in shapes.items()})
+    _write_compressed(out, model_dir, result.factors, result.weights, info, {k: list(v) for k, v in shapes.items()}, used)
     return info
 
 

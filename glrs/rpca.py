@@ -25,6 +25,16 @@ iterates are kept in:
   GPU this turns each iteration from a factorisation of the whole matrix into
   a few GEMMs.
 
+Thread count: a BLAS product or a torch reduction sums its partial results in an
+order that depends on how many threads share it, so the same solve with 1, 2 or 4
+threads differs in the last bits (relative 1e-12 on a 576 x 1536 matrix, enough to
+change the stored float32 factors' bytes). `rpca` therefore runs its CPU math under a fixed thread count
+(`threads=glrs.conditions.SOLVER_THREADS`, 1) whatever torch was set to, and
+restores the caller's setting afterwards: the bytes depend on the inputs, the
+parameters and the platform (glrs.conditions), not on the job's share of the
+machine. Per-layer jobs run in parallel instead. `threads=None` leaves torch's
+setting alone (benchmarks).
+
 `rpca(..., svt_method="auto")` uses the subspace SVT for matrices whose short side
 is at least `SUBSPACE_MIN_DIM` and switches to the Gram route for good once the
 rank guess exceeds `SUBSPACE_MAX_FRACTION` of the short side (then one eigh is
@@ -39,7 +49,10 @@ from typing import Callable
 
 import torch
 
-RPCA_VERSION = 2  # 2: subspace SVT for large matrices, spectral norm by block iteration
+from .conditions import SOLVER_THREADS, pinned_threads
+
+RPCA_VERSION = 3  # 2: subspace SVT for large matrices, spectral norm by block iteration;
+# 3: the solver runs under a fixed CPU thread count and each file records its conditions (glrs.conditions)
 
 SUBSPACE_MIN_DIM = 1024  # "auto" uses the subspace SVT when min(m, n) >= this
 SUBSPACE_MAX_FRACTION = 0.3  # ... and gives up on it once the block exceeds this share of min(m, n)
@@ -241,13 +254,22 @@ def rpca(
     full_svd: bool = False,
     svt_method: str = "auto",
     callback: Callable[[int, float], bool | None] | None = None,
+    threads: int | None = SOLVER_THREADS,
 ) -> RPCAResult:
     """Inexact ALM RPCA of one matrix; `full_svd=True` gives the textbook reference.
 
     `svt_method` ("auto", "gram", "subspace") picks the fast SVT (module
     docstring). `callback(iteration, residual)`, if given, is called after every
     iteration; returning True stops the solve there (benchmarks use it for a time
-    budget)."""
+    budget). `threads`: CPU threads of the solve (module docstring); the
+    caller's torch setting is restored afterwards. None: torch's current setting."""
+    with pinned_threads(threads) as used:
+        res = _rpca(W, lam, tol, max_iter, rho, mu_factor, dtype, device, full_svd, svt_method, callback)
+    res.stats["threads"] = used
+    return res
+
+
+def _rpca(W, lam, tol, max_iter, rho, mu_factor, dtype, device, full_svd, svt_method, callback) -> RPCAResult:
     if svt_method not in SVT_METHODS:
         raise ValueError(f"svt_method must be one of {SVT_METHODS}, not {svt_method!r}")
     D = W.to(device=device, dtype=dtype)

@@ -1,34 +1,321 @@
-"""`glrs verify`: recompute a sample of cached intermediates and compare their bytes (DESIGN.md section 4).
+"""`glrs verify`: recompute a sample of every kind of cached output and compare (DESIGN.md section 4).
 
-The CI reproducibility check: same inputs, same parameters, same code → the
-same file, bit for bit, on the CPU. Every decomposition file records the
-parameters it was made with, and its path names the model it came from, so
-it can be recomputed without the config.
+The CI reproducibility check. What it promises: the same inputs, parameters and
+code, computed under the same conditions (glrs.conditions: device, dtype, CPU
+thread count, torch and its BLAS / LAPACK, CPU instruction set), give the same
+file bit for bit. Every output records its conditions, so verify recomputes each
+sampled output from its *cached* inputs (one stage at a time) under the recorded
+conditions: the recorded thread count is set for the recomputation, and the
+recorded device is used when this machine has it. Stage 1 runs at a fixed thread
+count inside glrs, so its bytes do not depend on any job's thread count at all.
+
+Outcomes, one per sampled output:
+- `identical`: the recomputed bytes equal the cached bytes.
+- `close`: some condition differs (another machine, a GPU, another torch; each
+  one is named) and the outputs agree within the stated tolerance (`TOLERANCE`).
+- `DIFFERENT`: the bytes differ under the same conditions, or the numbers differ
+  beyond the tolerance: the run is not reproducible.
+- `skipped`: the output's inputs are no longer on disk.
+
+Kinds: `rpca` (results/rpca), `calib` (results/calib), `alloc` (results/alloc),
+`compressed` (results/compressed: factored checkpoint, dense export, info.json).
 """
 from __future__ import annotations
 
+import json
 import random
 import tempfile
 from pathlib import Path
 
-from . import cas, pipeline
+import torch
+from safetensors import safe_open
+
+from . import cas, conditions, pipeline
 from .errors import GlrsError
+
+KINDS = ("rpca", "calib", "alloc", "compressed")
+
+# What "agree" means when a condition differs, per kind (documented in README and printed by verify).
+TOLERANCE = {
+    "rpca": 1e-5,        # ||L - L'||_F and ||S - S'||_F relative to ||L + S||_F, per matrix
+    "calib": 0,          # token ids: exact
+    "alloc": 1e-3,       # share of mask entries that may differ, per matrix; same shapes required
+    "compressed": 1e-5,  # ||T - T'||_F / ||T||_F per floating tensor; other tensors and files exact
+}
+TOLERANCE_TEXT = {
+    "rpca": "relative Frobenius error of L and of S <= 1e-5 per matrix",
+    "calib": "token ids equal",
+    "alloc": "<= 0.1% of mask entries differ per matrix",
+    "compressed": "relative Frobenius error <= 1e-5 per tensor",
+}
+
+
+def verify(results: str | Path = "results", sample: int = 2, seed: int = 0,
+           kinds: tuple[str, ...] | list[str] = KINDS) -> list[dict]:
+    """Recompute `sample` outputs of each kind (chosen with `seed`) and compare them with the cached ones.
+
+    Returns one record per output: kind, file, status (identical / close / DIFFERENT /
+    skipped), conditions_differ (list of 'name: recorded -> now'), detail."""
+    results = Path(results)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise GlrsError(f"unknown kind(s) {bad}; use some of {', '.join(KINDS)}")
+    candidates = {
+        "rpca": sorted(results.glob("rpca/*/*/layer_*.safetensors")),
+        "calib": sorted(results.glob("calib/*/*.safetensors")),
+        "alloc": sorted(results.glob("alloc/*.json")),
+        "compressed": sorted(p for p in results.glob("compressed/*") if (p / "info.json").is_file()),
+    }
+    if not any(candidates[k] for k in kinds):
+        raise GlrsError(f"nothing under {results} to verify; run the pipeline first")
+    report = []
+    with tempfile.TemporaryDirectory(prefix="glrs-verify-") as tmp:
+        for kind in kinds:
+            files = candidates[kind]
+            chosen = sorted(random.Random(seed).sample(files, min(sample, len(files))))
+            for i, path in enumerate(chosen):
+                out = Path(tmp) / f"{kind}-{i}"
+                rec = _CHECKS[kind](results, path, out)
+                report.append({"kind": kind, "file": str(path), **rec})
+    return report
 
 
 def verify_rpca(results: str | Path = "results", sample: int = 2, seed: int = 0) -> list[dict]:
-    """Recompute `sample` decomposition files (chosen with `seed`) and compare sha256 with the cached ones."""
-    results = Path(results)
-    files = sorted(results.glob("rpca/*/*/layer_*.safetensors"))
-    if not files:
-        raise GlrsError(f"no decompositions under {results}/rpca to verify; run the pipeline first")
-    chosen = random.Random(seed).sample(files, min(sample, len(files)))
-    report = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for path in chosen:
-            model_key = path.parent.parent.name
-            meta, _ = pipeline.read_rpca_layer(path)
-            again = Path(tmp) / path.name
-            pipeline.decompose_layer(str(results / "model" / model_key), meta["layer"], meta["params"], str(again), "cpu")
-            cached, fresh = cas.sha256_file(path), cas.sha256_file(again)
-            report.append({"file": str(path), "cached": cached, "recomputed": fresh, "identical": cached == fresh})
-    return report
+    """Decompositions only (the check of earlier versions)."""
+    return verify(results, sample, seed, kinds=("rpca",))
+
+
+# ---- one check per kind ---------------------------------------------------------------------------
+
+def _outcome(kind: str, cached: Path, fresh: Path, recorded: dict | None, now: dict, numeric) -> dict:
+    """identical if the bytes agree; else DIFFERENT under the same conditions; else the numeric check."""
+    same_bytes, which = _same_bytes(cached, fresh)
+    differ = conditions.differences(recorded, now)
+    rec = {"conditions_differ": differ, "tolerance": TOLERANCE_TEXT[kind]}
+    if same_bytes:
+        return rec | {"status": "identical", "detail": ""}
+    if not differ:
+        return rec | {"status": "DIFFERENT", "detail": f"bytes differ under the same conditions ({which})"}
+    ok, detail = numeric(cached, fresh)
+    return rec | {"status": "close" if ok else "DIFFERENT", "detail": detail}
+
+
+def _same_bytes(a: Path, b: Path) -> tuple[bool, str]:
+    if a.is_file():
+        return cas.sha256_file(a) == cas.sha256_file(b), a.name
+    fa, fb = _tree(a), _tree(b)
+    if set(fa) != set(fb):
+        return False, f"files {sorted(set(fa) ^ set(fb))}"
+    differ = [r for r in fa if cas.sha256_file(fa[r]) != cas.sha256_file(fb[r])]
+    return not differ, ", ".join(differ)
+
+
+def _tree(d: Path) -> dict[str, Path]:
+    """The files of an output directory, without Snakemake's bookkeeping (.snakemake_timestamp)."""
+    return {str(p.relative_to(d)): p for p in sorted(d.rglob("*")) if p.is_file() and not p.name.startswith(".snakemake")}
+
+
+def _check_rpca(results: Path, path: Path, out: Path) -> dict:
+    meta, _ = pipeline.read_rpca_layer(path)
+    recorded = meta.get("conditions")
+    device = conditions.device_for(recorded)
+    model_dir = results / "model" / path.parent.parent.name
+    if not model_dir.is_dir():
+        return _skipped(f"its model {model_dir} is gone")
+    pipeline.decompose_layer(str(model_dir), meta["layer"], meta["params"], str(out), device)
+    now, _ = pipeline.read_rpca_layer(out)
+    return _outcome("rpca", path, out, recorded, now["conditions"], _rpca_numeric)
+
+
+def _check_calib(results: Path, path: Path, out: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["glrs"])
+    recorded = meta.get("conditions")
+    model_dir = results / "model" / path.parent.name
+    if not model_dir.is_dir():
+        return _skipped(f"its model {model_dir} is gone")
+    params = {k: v for k, v in meta.items() if k not in ("split", "text_sha256", "seed", "conditions")}
+    with conditions.pinned_threads(_threads(recorded)):
+        now = pipeline.calibrate(str(model_dir), params, meta["seed"], str(out))["conditions"]
+    return _outcome("calib", path, out, recorded, now, _tensors_numeric("calib"))
+
+
+def _check_alloc(results: Path, path: Path, out: Path) -> dict:
+    info = json.loads(path.read_text())
+    recorded = info.get("conditions")
+    keys = info.get("inputs") or _alloc_inputs_from_models(results, path.stem)
+    if keys is None:
+        return _skipped("it records no inputs (made by an older glrs) and no compressed model names it")
+    rpca_files = [results / "rpca" / keys["model_key"] / keys["rpca_key"] / f"layer_{i}.safetensors" for i in keys["layers"]]
+    model_dir = results / "model" / keys["model_key"]
+    calib = results / "calib" / keys["model_key"] / f"{keys['calib_key']}.safetensors" if keys.get("calib_key") else None
+    missing = [str(p) for p in [*rpca_files, model_dir, *([calib] if calib else [])] if not p.exists()]
+    if missing:
+        return _skipped(f"its inputs are gone: {missing[:3]}")
+    out.mkdir(parents=True)
+    fresh_json, fresh_masks = out / path.name, out / f"{path.stem}.safetensors"
+    with conditions.pinned_threads(_threads(recorded)):
+        now = pipeline.run_allocator(
+            [str(p) for p in rpca_files], info["allocator"], info["target_density"], info["allocator_params"],
+            info["seed"], str(model_dir), str(calib) if calib else None, str(fresh_json), str(fresh_masks),
+            conditions.device_for(recorded),
+        )["conditions"]
+    pair = out / "cached"
+    pair.mkdir()
+    for src, name in ((path, path.name), (path.with_suffix(".safetensors"), f"{path.stem}.safetensors")):
+        (pair / name).symlink_to(src.resolve())
+    fresh = out / "fresh"
+    fresh.mkdir()
+    fresh_json.rename(fresh / path.name)
+    fresh_masks.rename(fresh / f"{path.stem}.safetensors")
+    return _outcome("alloc", pair, fresh, recorded, now, _alloc_numeric)
+
+
+def _alloc_inputs_from_models(results: Path, alloc_key: str) -> dict | None:
+    for info_file in results.glob("compressed/*/info.json"):
+        info = json.loads(info_file.read_text())
+        if info.get("alloc_key") == alloc_key:
+            return {"model_key": info["model_key"], "rpca_key": info["rpca_key"], "layers": info["layers"]}
+    return None
+
+
+def _check_compressed(results: Path, path: Path, out: Path) -> dict:
+    info = json.loads((path / "info.json").read_text())
+    cond_file = path / "conditions.json"
+    recorded = json.loads(cond_file.read_text()) if cond_file.is_file() else None
+    model_dir = results / "model" / info["model_key"]
+    device = conditions.device_for(recorded)
+    # The cached info.json is passed back as the run record: the stage overwrites every field it
+    # computes, so the recomputed info.json equals the cached one exactly when those fields agree.
+    if info["method"] == "cap":
+        rpca_files = [results / "rpca" / info["model_key"] / info["rpca_key"] / f"layer_{i}.safetensors" for i in info["layers"]]
+        alloc_json, masks = results / "alloc" / f"{info['alloc_key']}.json", results / "alloc" / f"{info['alloc_key']}.safetensors"
+        missing = [str(p) for p in [model_dir, *rpca_files, alloc_json, masks] if not p.exists()]
+        if missing:
+            return _skipped(f"its inputs are gone: {missing[:3]}")
+        with conditions.pinned_threads(_threads(recorded)):
+            pipeline.materialize(str(model_dir), [str(p) for p in rpca_files], str(masks), str(alloc_json), info, str(out))
+    else:
+        calib = results / "calib" / info["model_key"] / f"{info['calib_key']}.safetensors"
+        missing = [str(p) for p in (model_dir, calib) if not p.exists()]
+        if missing:
+            return _skipped(f"its inputs are gone: {missing}")
+        with conditions.pinned_threads(_threads(recorded)):
+            pipeline.compress_baseline(str(model_dir), str(calib), info["method"], info["target_density"],
+                                       info.get("method_params", {}), info["seed"], info, str(out), device)
+    now = json.loads((out / "conditions.json").read_text())
+    return _outcome("compressed", path, out, recorded, now, _dir_numeric)
+
+
+def _skipped(why: str) -> dict:
+    return {"status": "skipped", "detail": f"cannot recompute: {why}", "conditions_differ": [], "tolerance": ""}
+
+
+def _threads(recorded: dict | None) -> int | None:
+    return int(recorded["threads"]) if recorded and recorded.get("threads") else None
+
+
+_CHECKS = {"rpca": _check_rpca, "calib": _check_calib, "alloc": _check_alloc, "compressed": _check_compressed}
+
+
+# ---- numeric comparisons (used only when a condition differs) ------------------------------------
+
+def _load(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        return meta, {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _rpca_numeric(a: Path, b: Path) -> tuple[bool, str]:
+    meta_a, ta = pipeline.read_rpca_layer(a)
+    meta_b, tb = pipeline.read_rpca_layer(b)
+    if set(meta_a["matrices"]) != set(meta_b["matrices"]):
+        return False, "different matrices"
+    worst, where = 0.0, ""
+    for short, m in meta_a["matrices"].items():
+        La, Sa = _rpca_parts(ta, short, m["shape"])
+        Lb, Sb = _rpca_parts(tb, short, m["shape"])
+        scale = max(float(torch.linalg.norm(La + Sa)), 1e-300)
+        err = max(float(torch.linalg.norm(La - Lb)), float(torch.linalg.norm(Sa - Sb))) / scale
+        if err >= worst:
+            worst, where = err, short
+    ok = worst <= TOLERANCE["rpca"]
+    return ok, f"largest relative error {worst:.2e} ({where}) {'<=' if ok else '>'} {TOLERANCE['rpca']:.0e}"
+
+
+def _rpca_parts(t: dict, short: str, shape: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    U, s, V = (t[f"{short}.{p}"].double() for p in ("U", "sigma", "V"))
+    S = torch.zeros(shape[0] * shape[1], dtype=torch.float64)
+    S[t[f"{short}.S_index"]] = t[f"{short}.S_values"].double()
+    return (U * s) @ V.T, S.reshape(shape)
+
+
+def _tensors_numeric(kind: str):
+    def check(a: Path, b: Path) -> tuple[bool, str]:
+        return _compare_tensors(_load(a)[1], _load(b)[1], TOLERANCE[kind])
+    return check
+
+
+def _compare_tensors(ta: dict, tb: dict, rtol: float) -> tuple[bool, str]:
+    if set(ta) != set(tb):
+        return False, f"different tensors: {sorted(set(ta) ^ set(tb))[:4]}"
+    worst, where = 0.0, ""
+    for k in ta:
+        x, y = ta[k], tb[k]
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False, f"{k}: shape/dtype {tuple(x.shape)} {x.dtype} vs {tuple(y.shape)} {y.dtype}"
+        if x.is_floating_point() and rtol > 0:
+            x, y = x.double(), y.double()
+            err = float(torch.linalg.norm(x - y)) / max(float(torch.linalg.norm(x)), 1e-300)
+        else:
+            err = 0.0 if torch.equal(x, y) else float("inf")
+        if err >= worst:
+            worst, where = err, k
+    ok = worst <= rtol
+    return ok, f"largest relative error {worst:.2e} ({where}) {'<=' if ok else '>'} {rtol:.0e}"
+
+
+def _alloc_numeric(a: Path, b: Path) -> tuple[bool, str]:
+    masks_a = _load(next(a.glob("*.safetensors")))[1]
+    masks_b = _load(next(b.glob("*.safetensors")))[1]
+    if set(masks_a) != set(masks_b):
+        return False, "different matrices"
+    worst, where = 0.0, ""
+    for k in masks_a:
+        if masks_a[k].shape != masks_b[k].shape:
+            return False, f"{k}: {tuple(masks_a[k].shape)} vs {tuple(masks_b[k].shape)} entries"
+        share = float((masks_a[k] != masks_b[k]).float().mean()) if masks_a[k].numel() else 0.0
+        if share >= worst:
+            worst, where = share, k
+    ok = worst <= TOLERANCE["alloc"]
+    return ok, f"largest share of differing mask entries {worst:.2e} ({where}) {'<=' if ok else '>'} {TOLERANCE['alloc']:.0e}"
+
+
+def _dir_numeric(a: Path, b: Path) -> tuple[bool, str]:
+    fa, fb = _tree(a), _tree(b)
+    if set(fa) != set(fb):
+        return False, f"different files: {sorted(set(fa) ^ set(fb))[:4]}"
+    details = []
+    for rel in fa:
+        if rel == "conditions.json" or cas.sha256_file(fa[rel]) == cas.sha256_file(fb[rel]):
+            continue
+        if rel.endswith(".safetensors"):
+            ok, d = _compare_tensors(_load(fa[rel])[1], _load(fb[rel])[1], TOLERANCE["compressed"])
+        elif rel.endswith(".json"):
+            ok, d = _json_close(json.loads(fa[rel].read_text()), json.loads(fb[rel].read_text())), "numbers within tolerance"
+        else:
+            ok, d = False, "differs"
+        if not ok:
+            return False, f"{rel}: {d}"
+        details.append(f"{rel}: {d}")
+    return True, "; ".join(details) or "only conditions.json differs"
+
+
+def _json_close(x, y, rtol: float = TOLERANCE["compressed"]) -> bool:
+    if isinstance(x, dict) and isinstance(y, dict):
+        return set(x) == set(y) and all(_json_close(x[k], y[k], rtol) for k in x)
+    if isinstance(x, list) and isinstance(y, list):
+        return len(x) == len(y) and all(_json_close(u, v, rtol) for u, v in zip(x, y))
+    if isinstance(x, float) or isinstance(y, float):
+        return isinstance(x, (int, float)) and isinstance(y, (int, float)) and abs(x - y) <= rtol * max(abs(x), abs(y), 1e-300)
+    return x == y

@@ -106,7 +106,7 @@ def test_verify_recomputes_decompositions_bit_for_bit(workdir):
     proc = subprocess.run([sys.executable, "-m", "glrs", "verify", "--results", str(workdir / "results"), "--sample", "3"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("identical") == 3
+    assert proc.stdout.count("identical  rpca") == 3 and "DIFFERENT" not in proc.stdout
 
 
 def test_changing_density_reuses_every_decomposition(workdir, tiny_llama_dir):
