@@ -8,6 +8,8 @@ factored form), a sparse entry costs 1 (its index is reported separately).
 
 Allocators (config `allocators`):
   uniform         the same density in every matrix, split by `rank_fraction`
+  owl             layer-wise densities from the layer's share of outlier weights (OWL, Yin et al. 2024,
+                  arXiv 2310.05175), each matrix split by `rank_fraction`: the non-uniform heuristic
   rpca-threshold  global thresholds on sigma and |S| (RPCA alone, no learning)
   cap             the paper's global probabilistic allocation (glrs.cap)
   lowrank-only    cap restricted to the singular components
@@ -27,8 +29,9 @@ from . import cas
 from .errors import GlrsError
 
 ALLOC_VERSION = 1
-ALLOCATORS = ("cap", "uniform", "rpca-threshold", "lowrank-only", "sparse-only")
+ALLOCATORS = ("cap", "uniform", "owl", "rpca-threshold", "lowrank-only", "sparse-only")
 NEEDS_CALIBRATION = ("cap", "lowrank-only", "sparse-only")
+NEEDS_STATS = ("owl",)
 
 
 @dataclass
@@ -117,6 +120,43 @@ def uniform(pools: list[MatrixPool], density: float, rank_fraction: float = 0.5,
     rank_keep, sparse_keep = {}, {}
     for p in pools:
         r, k = _split_matrix_budget(p, int(density * p.dense), rank_fraction)
+        rank_keep[p.name] = _prefix_mask(p.sigma.numel(), r)
+        sparse_keep[p.name] = _prefix_mask(p.s_abs.numel(), k)
+    return Allocation(rank_keep, sparse_keep)
+
+
+def owl_layer_densities(outlier_shares: list[float], density: float, max_shift: float) -> list[float]:
+    """OWL's rule: densities spread linearly in the layers' outlier shares over [density - max_shift,
+    density + max_shift], then shifted so that their mean is `density` (every Llama layer has the
+    same size, so the budget is unchanged)."""
+    d = torch.tensor(outlier_shares, dtype=torch.float64)
+    spread = d.max() - d.min()
+    d = (d - d.min()) / spread * 2 * max_shift if spread > 0 else torch.zeros_like(d)
+    out = (d - d.mean() + density).clamp(0.0, 1.0)
+    return out.tolist()
+
+
+def owl(pools: list[MatrixPool], density: float, model_dir: str, stats_files: list[str], rank_fraction: float = 0.5,
+        outlier_ratio: float = 5.0, max_shift: float = 0.08, **_) -> Allocation:
+    """OWL (arXiv 2310.05175): a layer keeps more where more of its weights are outliers, i.e. have a
+    Wanda score |W_ij| ||X_j|| above `outlier_ratio` times the layer's mean score (the paper's M = 5,
+    lambda = 0.08). Each matrix of a layer then gets the layer's density, split by `rank_fraction`."""
+    from . import modelio, stats
+
+    budget_for(pools, density)
+    layers = sorted({p.layer for p in pools})
+    if len(stats_files) != len(layers):
+        raise GlrsError(f"owl: {len(stats_files)} activation-statistics files for {len(layers)} layers")
+    shares = []
+    for layer, path in zip(layers, stats_files):
+        H = stats.read_layer(path)
+        W = modelio.read_layer(model_dir, layer)
+        scores = torch.cat([(W[s].double().abs() * torch.diagonal(H[s]).clamp_min(0).sqrt()).reshape(-1) for s in W])
+        shares.append(float((scores > outlier_ratio * scores.mean()).double().mean()))
+    per_layer = dict(zip(layers, owl_layer_densities(shares, density, max_shift)))
+    rank_keep, sparse_keep = {}, {}
+    for p in pools:
+        r, k = _split_matrix_budget(p, int(per_layer[p.layer] * p.dense), rank_fraction)
         rank_keep[p.name] = _prefix_mask(p.sigma.numel(), r)
         sparse_keep[p.name] = _prefix_mask(p.s_abs.numel(), k)
     return Allocation(rank_keep, sparse_keep)

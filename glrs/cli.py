@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--model-dir")
     s.add_argument("--calib")
+    s.add_argument("--stats", nargs="+", help="activation statistics per layer (allocators that need them: owl)")
     s.add_argument("--device", default="auto")
     s.add_argument("--json-out", required=True)
     s.add_argument("--masks-out", required=True)
@@ -54,6 +55,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-dir", required=True)
     s.add_argument("--rpca", nargs="+", required=True)
     s.add_argument("--masks", required=True)
+    s.add_argument("--alloc-json", required=True)
+    s.add_argument("--run-info", type=_json, default={})
+    s.add_argument("--out", required=True)
+
+    s = sub.add_parser("activations", help="input second moments of every target of the dense model, one file per layer")
+    s.add_argument("--model-dir", required=True)
+    s.add_argument("--calib", required=True)
+    s.add_argument("--layers", type=int, nargs="+", required=True)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out-dir", required=True)
+
+    s = sub.add_parser("realise", help="CAP's realisation of one layer: refitted low-rank + sparse at the allocation's budgets")
+    s.add_argument("--model-dir", required=True)
+    s.add_argument("--stats", required=True)
+    s.add_argument("--alloc-json", required=True)
+    s.add_argument("--layer", type=int, required=True)
+    s.add_argument("--params", type=_json, default={})
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", required=True)
+
+    s = sub.add_parser("materialize-realised", help="write the compressed model from the per-layer realisation files")
+    s.add_argument("--model-dir", required=True)
+    s.add_argument("--realised", nargs="+", required=True)
     s.add_argument("--alloc-json", required=True)
     s.add_argument("--run-info", type=_json, default={})
     s.add_argument("--out", required=True)
@@ -156,11 +180,23 @@ def run(args: argparse.Namespace) -> None:
         pipeline.calibrate(args.model_dir, args.params, args.seed, args.out)
     elif c == "allocate":
         info = pipeline.run_allocator(args.rpca, args.allocator, args.density, args.params, args.seed, args.model_dir,
-                                      args.calib, args.json_out, args.masks_out, args.device)
+                                      args.calib, args.json_out, args.masks_out, args.device, args.stats)
         print(f"{args.allocator}: target density {info['target_density']}, achieved {info['achieved_density']:.5f}")
     elif c == "materialize":
         pipeline.check_readable(args.masks, "allocation masks", "delete it and its .json and rerun its allocate job")
         pipeline.materialize(args.model_dir, args.rpca, args.masks, args.alloc_json, args.run_info, args.out)
+    elif c == "activations":
+        pipeline.collect_activations(args.model_dir, args.calib, args.layers, args.out_dir, args.device)
+    elif c == "realise":
+        from . import gpuslots, realise
+
+        with gpuslots.device_slot(args.device) as dev:
+            meta = realise.realise_layer(args.model_dir, args.stats, args.alloc_json, args.layer, args.params, args.out, dev)
+        for short, m in meta["matrices"].items():
+            print(f"layer {args.layer} {short}: rank {m['rank']}, nnz {m['nnz']}, output error "
+                  f"{m['error_before_refit']:.4g} -> {m['error']:.4g} after the refit")
+    elif c == "materialize-realised":
+        pipeline.materialize_realised(args.model_dir, args.realised, args.alloc_json, args.run_info, args.out)
     elif c == "compress":
         info = pipeline.compress_baseline(args.model_dir, args.calib, args.method, args.density, args.params, args.seed,
                                           args.run_info, args.out, args.device)

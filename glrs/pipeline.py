@@ -37,11 +37,14 @@ def _decompose_pinned(weights: dict[str, torch.Tensor], layer: int, params: dict
     tensors, matrices = {}, {}
     for short, W in weights.items():
         lam = params["lambda_scale"] * rpca.default_lambda(tuple(W.shape))
-        res = rpca.rpca(
-            W, lam=lam, tol=params["tol"], max_iter=params["max_iter"], rho=params["rho"],
-            mu_factor=params["mu_factor"], dtype=getattr(torch, params["dtype"]), device=device,
-            threads=conditions.SOLVER_THREADS,
-        )
+        if params.get("method", "ialm") == "none":
+            res = rpca.no_split(W)
+        else:
+            res = rpca.rpca(
+                W, lam=lam, tol=params["tol"], max_iter=params["max_iter"], rho=params["rho"],
+                mu_factor=params["mu_factor"], dtype=getattr(torch, params["dtype"]), device=device,
+                threads=conditions.SOLVER_THREADS,
+            )
         values, index = rpca.sort_sparse(res.S)
         store = W.dtype
         tensors[f"{short}.U"] = res.U.to("cpu", store).contiguous()
@@ -108,11 +111,19 @@ def check_readable(path: str | Path, what: str, fix: str) -> None:
         raise GlrsError(f"cannot read {what} {path}: {e}; {fix}") from e
 
 
+def collect_activations(model_dir: str, calib_file: str, layers: list[int], out_dir: str, device: str = "auto") -> dict:
+    """The dense model's input second moments per target, one file per layer (glrs.stats)."""
+    from . import stats
+
+    with gpuslots.device_slot(device) as dev:
+        return stats.collect(model_dir, load_calibration(calib_file), layers, out_dir, dev)
+
+
 # ---- Stage 2 ----------------------------------------------------------------------------------
 
 def run_allocator(rpca_files: list[str], allocator: str, density: float, params: dict, seed: int,
                   model_dir: str | None, calib_file: str | None, json_out: str, masks_out: str,
-                  device: str = "auto") -> dict:
+                  device: str = "auto", stats_files: list[str] | None = None) -> dict:
     for path in rpca_files:
         check_readable(path, "RPCA factors", "delete the file and rerun its decompose job")
     pools = allocate.load_pools(rpca_files)
@@ -121,6 +132,10 @@ def run_allocator(rpca_files: list[str], allocator: str, density: float, params:
         alloc = allocate.uniform(pools, density, **params)
     elif allocator == "rpca-threshold":
         alloc = allocate.rpca_threshold(pools, density, **params)
+    elif allocator == "owl":
+        if not model_dir or not stats_files:
+            raise GlrsError("the owl allocator needs --model-dir and --stats (the activations job's files)")
+        alloc = allocate.owl(pools, density, model_dir, stats_files, **params)
     elif allocator in allocate.NEEDS_CALIBRATION:
         from . import cap
 
@@ -171,6 +186,32 @@ def materialize(model_dir: str, rpca_files: list[str], masks_file: str, alloc_js
         achieved_density=alloc_info["achieved_density"],
         params_kept=compressed.factored_parameter_count(factors),
         params_dense=alloc_info["params_dense"],
+    )
+    _write_compressed(out, model_dir, factors, dense_weights, info, shapes)
+    return info
+
+
+def materialize_realised(model_dir: str, realised_files: list[str], alloc_json: str, run_info: dict, out: str) -> dict:
+    """The compressed model from the per-layer realisation jobs (glrs.realise), same layout as `materialize`."""
+    from . import realise
+
+    alloc_info = json.loads(Path(alloc_json).read_text())
+    factors, dense_weights, shapes = {}, {}, {}
+    for path in realised_files:
+        meta, layer_factors = realise.read_realised(path)
+        for rec in meta["matrices"].values():
+            name = rec["name"]
+            factors[name] = layer_factors[name]
+            shapes[name] = rec["shape"]
+            dense_weights[name] = compressed.compose(**factors[name], shape=tuple(rec["shape"]))
+    kept = compressed.factored_parameter_count(factors)
+    info = _model_record(
+        model_dir, run_info,
+        target_density=alloc_info["target_density"],
+        achieved_density=kept / alloc_info["params_dense"],
+        params_kept=kept,
+        params_dense=alloc_info["params_dense"],
+        realisation=meta["params"],
     )
     _write_compressed(out, model_dir, factors, dense_weights, info, shapes)
     return info

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from . import allocate, cas, compressed, data, evaluate, modelio, rpca
+from . import allocate, cas, compressed, data, evaluate, modelio, realise, rpca, stats
 from .errors import GlrsError
 
 RESULTS = "results"
@@ -26,6 +26,7 @@ class Run:
     alloc_key: str
     comp_key: str
     params: dict = field(hash=False, compare=False)
+    realise_key: str = ""  # CAP runs realised by glrs.realise (realise.mode: refit); "" = kept candidates as they are
 
     @property
     def label(self) -> str:
@@ -45,6 +46,8 @@ class Plan:
     runs: list[Run]
     eval_keys: dict[str, str]  # dataset -> key of the evaluation protocol + text
     zeroshot_key: str = ""  # key of the zero-shot protocol (tasks, limit, lm-eval, offline task text, seed); "" = none
+    stats_key: str = ""  # key of the dense model's activation statistics (glrs.stats)
+    realise_params: dict = field(default_factory=dict)
 
     # ---- paths (relative to the working directory) ----
     @property
@@ -61,6 +64,27 @@ class Plan:
     @property
     def calib_file(self) -> str:
         return f"{RESULTS}/calib/{self.model_key}/{self.calib_key}.safetensors"
+
+    def stats_file(self, layer: int) -> str:
+        return f"{RESULTS}/stats/{self.model_key}/{self.stats_key}/layer_{layer}.safetensors"
+
+    @property
+    def stats_files(self) -> list[str]:
+        return [self.stats_file(i) for i in self.layers]
+
+    @staticmethod
+    def realised_file(run: Run, layer: int) -> str:
+        return f"{RESULTS}/realise/{run.realise_key}/layer_{layer}.safetensors"
+
+    def realised_files(self, run: Run) -> list[str]:
+        return [self.realised_file(run, i) for i in self.layers]
+
+    @property
+    def realised_runs(self) -> list[Run]:
+        return [r for r in self.cap_runs if r.realise_key]
+
+    def run_by_realise_key(self, realise_key: str) -> Run:
+        return next(r for r in self.runs if r.realise_key == realise_key)
 
     @staticmethod
     def alloc_json(run: Run) -> str:
@@ -86,14 +110,18 @@ class Plan:
         info = {"method": run.method, "allocator": run.allocator, "seed": self.config["seed"], "model_key": self.model_key,
                 "comp_key": run.comp_key, "layers": self.layers}
         if run.method == "cap":
-            return info | {"rpca_key": self.rpca_key, "alloc_key": run.alloc_key, "rpca_lambda_scale": self.rpca_params["lambda_scale"]}
+            info |= {"rpca_key": self.rpca_key, "alloc_key": run.alloc_key, "rpca_lambda_scale": self.rpca_params["lambda_scale"]}
+            return info | ({"realise_key": run.realise_key, "stats_key": self.stats_key} if run.realise_key else {})
         return info | {"calib_key": self.calib_key, "method_params": run.params}
 
     def allocate_inputs(self, alloc_key: str) -> dict:
         """What one allocation job reads: every layer's factors, and the model and calibration text if it learns."""
         inputs = {"rpca": self.rpca_files}
-        if self.run_by_alloc_key(alloc_key).allocator in allocate.NEEDS_CALIBRATION:
+        allocator = self.run_by_alloc_key(alloc_key).allocator
+        if allocator in allocate.NEEDS_CALIBRATION:
             inputs |= {"model": self.model_dir, "calib": self.calib_file}
+        if allocator in allocate.NEEDS_STATS:
+            inputs |= {"model": self.model_dir, "stats": self.stats_files}
         return inputs
 
     def model_under_test(self, target: str) -> dict:
@@ -196,6 +224,8 @@ def make_plan(config: dict) -> Plan:
     calib_key = cas.key_of("calib", data.DATA_VERSION, {"model": model_key, "text": calib_text},
                            calib_params | {"seed": config["seed"], "split": data.SPLIT_RULE})
 
+    stats_key = cas.key_of("stats", stats.STATS_VERSION, {"model": model_key, "calib": calib_key}, {})
+    realise_params = realise.resolve_params(config.get("realise"))
     runs = []
     for method in config["methods"]:
         if method != "cap":
@@ -204,6 +234,8 @@ def make_plan(config: dict) -> Plan:
         for allocator in config["allocators"]:
             params = dict(config.get("allocator_params", {}).get(allocator, {}))
             inputs = {"rpca": rpca_key, "layers": ",".join(map(str, layers))}
+            if allocator in allocate.NEEDS_STATS:
+                inputs |= {"stats": stats_key}
             if allocator in allocate.NEEDS_CALIBRATION:
                 from . import cap
 
@@ -213,8 +245,14 @@ def make_plan(config: dict) -> Plan:
             for density in config["target_density"]:
                 alloc_key = cas.key_of("alloc", allocate.ALLOC_VERSION, inputs,
                                        {"allocator": allocator, "density": density, "params": params, "seed": config["seed"]})
-                comp_key = cas.key_of("materialize", compressed.MATERIALIZE_VERSION, {"model": model_key, "alloc": alloc_key}, {})
-                runs.append(Run(method, allocator, density, alloc_key, comp_key, params))
+                realise_key = ""
+                comp_inputs = {"model": model_key, "alloc": alloc_key}
+                if realise_params["mode"] == "refit":
+                    realise_key = cas.key_of("realise", realise.REALISE_VERSION,
+                                             {"model": model_key, "alloc": alloc_key, "stats": stats_key}, realise_params)
+                    comp_inputs |= {"realise": realise_key}
+                comp_key = cas.key_of("materialize", compressed.MATERIALIZE_VERSION, comp_inputs, {})
+                runs.append(Run(method, allocator, density, alloc_key, comp_key, params, realise_key))
 
     ev = config["evaluation"]
     eval_keys = {
@@ -223,7 +261,7 @@ def make_plan(config: dict) -> Plan:
         for ds in ev["datasets"]
     }
     return Plan(config, source, model_key, layers, rpca_key, rpca_params, calib_key, calib_params, runs, eval_keys,
-                _zeroshot_key(config))
+                _zeroshot_key(config), stats_key, realise_params)
 
 
 def _lm_eval_version() -> str:

@@ -75,6 +75,13 @@ class RPCAResult:
         return (self.U * self.sigma) @ self.V.T
 
 
+def no_split(W: torch.Tensor) -> RPCAResult:
+    """The trivial split L = 0, S = W (`rpca.method: none`): Stage 2 then allocates over the weights
+    themselves, and CAP's realisation (glrs.realise) builds the low-rank + sparse form afterwards."""
+    m, n = W.shape
+    return RPCAResult(W.new_zeros(m, 0), W.new_zeros(0), W.new_zeros(n, 0), W.clone(), 0, 0.0, True)
+
+
 def default_lambda(shape: tuple[int, int]) -> float:
     return 1.0 / math.sqrt(max(shape))
 

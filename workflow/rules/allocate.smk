@@ -13,7 +13,9 @@ rule allocate:
         allocator=lambda wc: PLAN.run_by_alloc_key(wc.alloc_key).allocator,
         density=lambda wc: PLAN.run_by_alloc_key(wc.alloc_key).density,
         settings=lambda wc: shell_json(PLAN.run_by_alloc_key(wc.alloc_key).params),
-        calib=lambda wc, input: f"--model-dir {input.model} --calib {input.calib}" if "calib" in input.keys() else "",
+        calib=lambda wc, input: (f"--model-dir {input.model} " if "model" in input.keys() else "")
+        + (f"--calib {input.calib} " if "calib" in input.keys() else "")
+        + (f"--stats {' '.join(input.stats)}" if "stats" in input.keys() else ""),
         seed=config["seed"],
         device=config["device"],
     resources:

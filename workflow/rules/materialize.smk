@@ -12,7 +12,7 @@ rule materialize:
     output:
         directory(f"{RESULTS}/compressed/{{comp_key}}"),
     wildcard_constraints:
-        comp_key=key_pattern(r.comp_key for r in PLAN.cap_runs),
+        comp_key=key_pattern(r.comp_key for r in PLAN.cap_runs if not r.realise_key),
     params:
         info=lambda wc: shell_json(PLAN.run_info(PLAN.run_by_comp_key(wc.comp_key))),
     log:
@@ -21,4 +21,26 @@ rule materialize:
         f"{RESULTS}/bench/materialize/{{comp_key}}.tsv"
     shell:
         "python -m glrs materialize --model-dir {input.model} --rpca {input.rpca} --masks {input.masks} "
+        "--alloc-json {input.json} --run-info {params.info} --out {output} > {log} 2>&1"
+
+
+rule materialize_realised:
+    conda:
+        "../../envs/glrs.yaml"
+    input:
+        model=PLAN.model_dir,
+        realised=lambda wc: PLAN.realised_files(PLAN.run_by_comp_key(wc.comp_key)),
+        json=lambda wc: PLAN.alloc_json(PLAN.run_by_comp_key(wc.comp_key)),
+    output:
+        directory(f"{RESULTS}/compressed/{{comp_key}}"),
+    wildcard_constraints:
+        comp_key=key_pattern(r.comp_key for r in PLAN.realised_runs),
+    params:
+        info=lambda wc: shell_json(PLAN.run_info(PLAN.run_by_comp_key(wc.comp_key))),
+    log:
+        f"{RESULTS}/logs/materialize/{{comp_key}}.log",
+    benchmark:
+        f"{RESULTS}/bench/materialize/{{comp_key}}.tsv"
+    shell:
+        "python -m glrs materialize-realised --model-dir {input.model} --realised {input.realised} "
         "--alloc-json {input.json} --run-info {params.info} --out {output} > {log} 2>&1"

@@ -1,0 +1,206 @@
+"""CAP's realisation: turn the allocation's per-matrix budgets into low-rank + sparse weights that fit the data.
+
+[departure] The paper materialises the kept candidates of Stage 1 as they are (`realise.mode: select`,
+the ablation). Measured on SmolLM2-135M (CPU, layer 12, density 0.5, activation-weighted relative
+output error tr(E H E^T) / tr(W H W^T), mean of the seven matrices): keeping the best half of the
+RPCA candidates gives 0.12 (RPCA of W D) to 0.40 (RPCA of W); SparseGPT 0.0164; OATS 0.0286; the
+realisation below 0.0137. So CAP keeps the allocation (how many parameters each matrix of each
+layer gets: Stage 2's decision) and re-derives the weights that spend them:
+
+1. Split. A matrix's budget b (parameters) goes to rank r = floor(rank_ratio * b / (m + n)) and
+   k = b - r (m + n) sparse entries (rank_ratio 0.1: on the same layer 0.0, 0.05, 0.1, 0.2 were
+   screened; see README).
+2. Decompose in the activation-scaled space, D = diag(sqrt(H_jj)): alternating projections
+   L <- best rank-r of (W D - S), S <- the k largest |entries| of (W D - L) row by row
+   (GoDec; the same iteration OATS uses), `iterations` times; unscale by D^-1.
+3. Refit. With L and the support of S fixed, the kept sparse values are the least-squares solution
+   of min ||(W - L - S) X||^2 on the calibration inputs, one ridge-damped system per output row:
+   S_i,Omega = (H_OO + delta I)^-1 ((W - L)_i (H + delta I))_Omega, delta = damp * mean(diag H).
+   This is the compensation SparseGPT approximates column by column, solved exactly.
+
+Each decoder layer is one job (`glrs realise`); it reads its layer's weights, its activation
+statistics (glrs.stats) and the allocation's JSON, and writes the factored form
+(glrs.compressed layout) with the per-matrix errors before and after the refit.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import cas, modelio, stats
+from .errors import GlrsError
+
+REALISE_VERSION = 1
+MODES = ("refit", "select")
+DEFAULTS = {"mode": "refit", "rank_ratio": 0.1, "iterations": 40, "damp": 0.01}
+PARTS = ("U", "sigma", "V", "S_index", "S_values")
+
+
+def resolve_params(params: dict | None) -> dict:
+    p = dict(DEFAULTS) | dict(params or {})
+    unknown = sorted(set(p) - set(DEFAULTS))
+    if unknown:
+        raise GlrsError(f"config key realise: unknown setting(s) {unknown}; known: {sorted(DEFAULTS)}")
+    if p["mode"] not in MODES:
+        raise GlrsError(f"config key realise.mode: {p['mode']!r} is not one of {list(MODES)}")
+    if not 0.0 <= float(p["rank_ratio"]) <= 1.0:
+        raise GlrsError(f"config key realise.rank_ratio: {p['rank_ratio']} is outside [0, 1]")
+    if int(p["iterations"]) < 1:
+        raise GlrsError(f"config key realise.iterations: {p['iterations']} must be >= 1")
+    if float(p["damp"]) <= 0:
+        raise GlrsError(f"config key realise.damp: {p['damp']} must be > 0 (it keeps the row systems solvable)")
+    return p
+
+
+# ---- budgets -------------------------------------------------------------------------------------
+
+def matrix_budgets(alloc_info: dict) -> dict[str, int]:
+    """Weight name -> parameters the realisation spends on it: what Stage 2 kept in that matrix
+    (rank * (m + n) + nnz), capped at its dense size; what the cap removes goes to the other
+    matrices in proportion to their budgets, so the total is exactly the allocation's."""
+    mats = alloc_info["matrices"]
+    want = {name: m["rank"] * sum(m["shape"]) + m["nnz"] for name, m in mats.items()}
+    cap = {name: m["shape"][0] * m["shape"][1] for name, m in mats.items()}
+    total = min(sum(want.values()), sum(cap.values()))
+    out: dict[str, int] = {}
+    free = dict(want)
+    left = total
+    while free:
+        scale = left / max(sum(free.values()), 1)
+        over = {n for n, b in free.items() if b * scale >= cap[n]}
+        if not over:
+            break
+        for n in over:
+            out[n] = cap[n]
+            left -= cap[n]
+            del free[n]
+    names = sorted(free)
+    weights = [free[n] for n in names]
+    whole = sum(weights)
+    cum = prev = 0
+    for n, w in zip(names, weights):  # cumulative rounding: the parts add up to `left` exactly
+        cum += w
+        nxt = int(round(left * cum / whole)) if whole else 0
+        out[n] = min(cap[n], nxt - prev)
+        prev = nxt
+    return out
+
+
+def split_budget(shape: tuple[int, int], budget: int, rank_ratio: float) -> tuple[int, int]:
+    """(rank, nonzeros) spending exactly `budget` parameters of an m x n matrix."""
+    m, n = shape
+    if not 0 <= budget <= m * n:
+        raise GlrsError(f"budget {budget} outside [0, {m * n}] for a {m} x {n} matrix")
+    r = min(min(m, n), int(rank_ratio * budget / (m + n)))
+    return r, budget - r * (m + n)
+
+
+# ---- the refit ------------------------------------------------------------------------------------
+
+def refit_sparse(R: torch.Tensor, mask: torch.Tensor, H: torch.Tensor, damp: float,
+                 max_elements: int = 1 << 26) -> torch.Tensor:
+    """The sparse matrix S supported on `mask` minimising tr((R - S) Hd (R - S)^T), Hd = H + delta I.
+
+    Row i: S_i,O = Hd_OO^-1 (R_i Hd)_O. Rows are solved in batches padded to the largest support
+    (padding rows/columns are the identity with a zero right-hand side), in float64.
+    """
+    m, n = R.shape
+    R = R.to(torch.float64)
+    Hd = H.to(R.device, torch.float64).clone()
+    Hd.diagonal().add_(damp * float(Hd.diagonal().mean()) if float(Hd.diagonal().mean()) > 0 else damp)
+    counts = mask.sum(1)
+    kmax = int(counts.max()) if m else 0
+    S = torch.zeros_like(R)
+    if kmax == 0:
+        return S
+    G = R @ Hd
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :kmax]  # support first, ascending
+    valid = torch.arange(kmax, device=R.device).unsqueeze(0) < counts.unsqueeze(1)
+    rows = max(1, max_elements // (kmax * kmax))
+    eye = torch.eye(kmax, dtype=torch.float64, device=R.device)
+    for a in range(0, m, rows):
+        idx, ok = order[a:a + rows], valid[a:a + rows]
+        both = ok.unsqueeze(2) & ok.unsqueeze(1)
+        A = torch.where(both, Hd[idx.unsqueeze(2), idx.unsqueeze(1)], eye)
+        b = torch.where(ok, G[a:a + rows].gather(1, idx), 0.0).unsqueeze(2)
+        C, info = torch.linalg.cholesky_ex(A)
+        if int(info.max()) != 0:
+            raise GlrsError("realise: a damped row system is not positive definite; raise realise.damp (e.g. 0.1)")
+        x = torch.cholesky_solve(b, C).squeeze(2)
+        S[a:a + rows].scatter_(1, idx, torch.where(ok, x, 0.0))
+    return S
+
+
+def output_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(E H E^T) / tr(W H W^T): the share of the output energy on the calibration inputs that is lost."""
+    E = (W - W_new).to(torch.float64)
+    W64 = W.to(torch.float64)
+    den = float((W64 @ H * W64).sum())
+    return float((E @ H * E).sum()) / den if den > 0 else 0.0
+
+
+def realise_matrix(W: torch.Tensor, H: torch.Tensor, budget: int, params: dict) -> tuple[dict, dict]:
+    """(factors in glrs.compressed layout, record) spending exactly `budget` parameters on W [m, n]."""
+    from .methods.oats import oats_decompose
+
+    m, n = W.shape
+    rank, nnz = split_budget((m, n), budget, float(params["rank_ratio"]))
+    W64 = W.to(torch.float64)
+    H = H.to(W.device, torch.float64)
+    col_norm = torch.diagonal(H).clamp_min(0).sqrt()
+    _, mask, _, f = oats_decompose(W64, col_norm, rank, nnz, int(params["iterations"]), torch.float64)
+    L = (f["U"] * f["sigma"]) @ f["V"].T
+    before = output_error(W64, L + (W64 - L) * mask, H) if nnz else output_error(W64, L, H)
+    S = refit_sparse(W64 - L, mask, H, float(params["damp"]))
+    index = torch.nonzero(mask.reshape(-1)).squeeze(1)
+    factors = {"U": f["U"], "sigma": f["sigma"], "V": f["V"], "S_index": index, "S_values": S.reshape(-1)[index]}
+    record = {"rank": rank, "nnz": int(index.numel()), "params": rank * (m + n) + int(index.numel()),
+              "error_before_refit": before, "error": output_error(W64, L + S, H)}
+    return factors, record
+
+
+# ---- the per-layer job --------------------------------------------------------------------------
+
+def realise_layer(model_dir: str, stats_file: str, alloc_json: str, layer: int, params: dict, out: str,
+                  device: str = "cpu") -> dict:
+    """Realise the seven targets of one layer at the allocation's budgets; write the factored form."""
+    from .conditions import SOLVER_THREADS, pinned_threads
+
+    p = resolve_params(params)
+    info = json.loads(Path(alloc_json).read_text())
+    budgets = matrix_budgets(info)
+    weights = modelio.read_layer(model_dir, layer)
+    H = stats.read_layer(stats_file)
+    tensors, records = {}, {}
+    with pinned_threads(SOLVER_THREADS if str(device) == "cpu" else None):
+        for short, W in weights.items():
+            name = modelio.weight_name(layer, short)
+            if name not in budgets:
+                raise GlrsError(f"the allocation {alloc_json} has no budget for {name}; it was made for other layers")
+            factors, rec = realise_matrix(W.to(device), H[short].to(device), budgets[name], p)
+            for part in PARTS:
+                t = factors[part].to("cpu")
+                tensors[f"{short}.{part}"] = (t if part == "S_index" else t.to(W.dtype)).contiguous()
+            records[short] = rec | {"name": name, "shape": list(W.shape), "budget": budgets[name]}
+    meta = {"layer": layer, "params": p, "matrices": records}
+    with cas.atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata={"glrs": cas.canonical_json(meta)})
+    return meta
+
+
+def read_realised(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(metadata, weight name -> factors) of one realised layer file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["glrs"])
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise GlrsError(f"cannot read realised layer {path}: {e}; delete the file and rerun its realise job") from e
+    out = {}
+    for short, rec in meta["matrices"].items():
+        out[rec["name"]] = {part: flat[f"{short}.{part}"] for part in PARTS}
+    return meta, out
