@@ -110,9 +110,17 @@ class Plan:
         info = {"method": run.method, "allocator": run.allocator, "seed": self.config["seed"], "model_key": self.model_key,
                 "comp_key": run.comp_key, "layers": self.layers}
         if run.method == "cap":
-            info |= {"rpca_key": self.rpca_key, "alloc_key": run.alloc_key, "rpca_lambda_scale": self.rpca_params["lambda_scale"]}
+            info |= {"rpca_key": self.rpca_key, "alloc_key": run.alloc_key, "rpca_lambda_scale": self.rpca_params["lambda_scale"],
+                     "variant": self.cap_variant(run)}
             return info | ({"realise_key": run.realise_key, "stats_key": self.stats_key} if run.realise_key else {})
         return info | {"calib_key": self.calib_key, "method_params": run.params}
+
+    def cap_variant(self, run: Run) -> str:
+        """Which CAP this is, in a few words: the Stage-1 pool, the policy and the realisation."""
+        pool = self.rpca_params.get("method", "ialm")
+        policy = run.params.get("policy", "") if run.allocator in allocate.NEEDS_CALIBRATION else ""
+        return " ".join(x for x in (f"pool={pool}", f"policy={policy}" if policy else "",
+                                    f"realise={self.realise_params['mode']}") if x)
 
     def allocate_inputs(self, alloc_key: str) -> dict:
         """What one allocation job reads: every layer's factors, and the model and calibration text if it learns."""

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from . import cas
 
-ID_COLUMNS = ["model", "model_fp", "method", "allocator", "rpca_lambda_scale", "target_density", "achieved_density",
+ID_COLUMNS = ["model", "model_fp", "method", "allocator", "variant", "rpca_lambda_scale", "target_density", "achieved_density",
               "params_kept", "seed"]
-STAGES = ["prepare_model", "decompose", "calibrate", "allocate", "materialize", "compress", "evaluate_ppl", "evaluate_zeroshot"]
+STAGES = ["prepare_model", "decompose", "calibrate", "activations", "allocate", "realise", "materialize", "compress", "evaluate_ppl", "evaluate_zeroshot"]
 
 
 def column_safe(name: str) -> str:
@@ -44,6 +44,9 @@ def _stage_patterns(rec: dict) -> dict[str, str]:
         target = rec["comp_key"]
         if rec.get("rpca_key"):
             pats["decompose"] = f"bench/decompose/{mk}/{rec['rpca_key']}/layer_*.tsv"
+        if rec.get("realise_key"):
+            pats["activations"] = f"bench/activations/{mk}/{rec['stats_key']}.tsv"
+            pats["realise"] = f"bench/realise/{rec['realise_key']}/layer_*.tsv"
         if rec.get("alloc_key"):
             pats["allocate"] = f"bench/allocate/{rec['alloc_key']}.tsv"
             pats["materialize"] = f"bench/materialize/{target}.tsv"
@@ -216,6 +219,8 @@ def compact_columns(header: list[str], rows: list[dict]) -> list[tuple[str, str,
     cols = [("model", "model", lambda r: names.get(str(r.get("model", "")), str(r.get("model", "")))),
             ("method", "method", lambda r: r.get("method", "")),
             ("allocator", "allocator", lambda r: r.get("allocator", ""))]
+    if _varying(rows, "variant"):
+        cols.append(("variant", "variant", lambda r: r.get("variant", "")))
     if _varying(rows, "rpca_lambda_scale"):
         cols.append(("rpca_lambda_scale", "lambda", lambda r: r.get("rpca_lambda_scale", "")))
     if _varying(rows, "seed"):

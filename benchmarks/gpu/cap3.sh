@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Issue 10's table from one GPU run: CAP v3 (realised allocations on two Stage-2 pools, uniform and OWL under
+# the same realisation), the paper as written, OATS at two rank ratios, SparseGPT and Wanda, side by side:
+#   benchmarks/gpu/cap3.sh MODEL.gguf SECONDS OUTDIR
+# Resumable: a second call with the same arguments finishes what the first left. Stage overlays are in
+# benchmarks/gpu/stages; every process runs over config/comparison.yaml (128 x 512 calibration, whole
+# held-out text). Summaries are written once at the end (processes run with --nolock on disjoint outputs).
+set -uo pipefail
+model=$1 budget=$2 out=$3
+st=benchmarks/gpu/stages
+start=$(date +%s)
+export GLRS_GPU_LOCKS=0 PYTHONUNBUFFERED=1
+mkdir -p "$out"
+sm() {  # sm NAME SNAKEMAKE-OPTIONS... -- OVERLAYS...
+    local name=$1; shift
+    local opts=() files=(config/comparison.yaml)
+    while [[ $# -gt 0 && $1 != -- ]]; do opts+=("$1"); shift; done
+    shift; for f in "$@"; do files+=("$st/$f.yaml"); done
+    local left=$(( budget - ($(date +%s) - start) ))
+    (( left > 20 )) || { echo "$name: no time left" | tee -a "$out/status.log"; return 0; }
+    timeout "$left" python3 -m snakemake --nolock --rerun-incomplete --keep-going --scheduler greedy \
+        --omit-from summarize "${opts[@]}" --configfile "${files[@]}" --config model="$model" device=auto \
+        >>"$out/$name.log" 2>&1
+    echo "$name: exit $? at $(( $(date +%s) - start )) s" | tee -a "$out/status.log"
+}
+sm prep --cores 16 --until activations calibrate -- cap3-weights zs100
+sm w --cores 6 --resources gpu=8 -- cap3-weights zs100 &
+{ sm r --cores 4 --resources gpu=4 -- cap3 zs100; sm p --cores 3 --resources gpu=2 -- paper zs100; } &
+sm b --cores 3 --resources gpu=6 -- baselines3 zs100 &
+sm o --cores 3 --resources gpu=3 -- oats-0.1 zs100 &
+wait
+python3 -m glrs summarize --results results --out results/summary.csv
+python3 -m glrs summary results/summary.csv --wide --csv > "$out/summary.csv"
+python3 -m glrs summary results/summary.csv
+python3 - "$out/realise_meta.json" <<'PY'
+import glob, json, sys
+from safetensors import safe_open
+meta = {}
+for path in sorted(glob.glob("results/realise/*/layer_*.safetensors")):
+    with safe_open(path, framework="pt") as f:
+        meta[path] = json.loads(f.metadata()["glrs"])["matrices"]
+json.dump(meta, open(sys.argv[1], "w"))
+PY
+tar czf "$out/results.tgz" results/summary.csv results/metrics results/alloc/*.json results/bench results/logs 2>/dev/null
+ls -la "$out"
