@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", default="results")
     s.add_argument("--sample", type=int, default=2, help="outputs recomputed per kind")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--kinds", nargs="+", default=["rpca", "calib", "alloc", "compressed"],
+    s.add_argument("--kinds", nargs="+", default=["rpca", "calib", "stats", "alloc", "realise", "compressed"],
                    help="which kinds of output to check (default: all)")
     s.add_argument("--threads", type=int, default=0,
                    help="CPU threads of this process (0: torch's default); each recomputation runs at the "

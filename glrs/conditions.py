@@ -123,9 +123,10 @@ def packages(*names: str) -> dict:
     return out
 
 
-def input_keys(rpca_files: list[str], calib_file: str | None = None) -> dict:
+def input_keys(rpca_files: list[str], calib_file: str | None = None, stats_files: list[str] | None = None) -> dict:
     """Where an allocation's inputs live, as keys under the results tree, so that `glrs verify` can
-    recompute it without the config: rpca/<model>/<rpca>/layer_<i>.safetensors, calib/<model>/<calib>.safetensors."""
+    recompute it without the config: rpca/<model>/<rpca>/layer_<i>.safetensors, calib/<model>/<calib>.safetensors,
+    stats/<model>/<stats>/layer_<i>.safetensors."""
     from pathlib import Path
 
     first = Path(rpca_files[0])
@@ -133,4 +134,6 @@ def input_keys(rpca_files: list[str], calib_file: str | None = None) -> dict:
             "layers": [int(Path(f).stem.removeprefix("layer_")) for f in rpca_files]}
     if calib_file:
         keys["calib_key"] = Path(calib_file).stem
+    if stats_files:
+        keys["stats_key"] = Path(stats_files[0]).parent.name
     return keys

@@ -147,7 +147,7 @@ def run_allocator(rpca_files: list[str], allocator: str, density: float, params:
         raise GlrsError(f"unknown allocator {allocator!r}; use one of {', '.join(allocate.ALLOCATORS)}")
     info = allocate.summarize(pools, alloc, density)
     info |= {"allocator": allocator, "allocator_params": params, "seed": seed}
-    info |= {"inputs": conditions.input_keys(rpca_files, calib_file), "conditions": conditions.current(used)}
+    info |= {"inputs": conditions.input_keys(rpca_files, calib_file, stats_files), "conditions": conditions.current(used)}
     allocate.save(alloc, info, json_out, masks_out)
     return info
 

@@ -17,8 +17,11 @@ Outcomes, one per sampled output:
   beyond the tolerance: the run is not reproducible.
 - `skipped`: the output's inputs are no longer on disk.
 
-Kinds: `rpca` (results/rpca), `calib` (results/calib), `alloc` (results/alloc),
-`compressed` (results/compressed: factored checkpoint, dense export, info.json).
+Kinds: `rpca` (results/rpca), `calib` (results/calib), `stats` (results/stats: activation
+statistics), `alloc` (results/alloc), `realise` (results/realise: CAP's realised layers),
+`compressed` (results/compressed: factored checkpoint, dense export, info.json). Outputs that
+record no conditions (older files; stats and realise files so far) are recomputed under this
+process's conditions and, where their bytes differ, compared numerically.
 """
 from __future__ import annotations
 
@@ -33,18 +36,22 @@ from safetensors import safe_open
 from . import cas, conditions, pipeline
 from .errors import GlrsError
 
-KINDS = ("rpca", "calib", "alloc", "compressed")
+KINDS = ("rpca", "calib", "stats", "alloc", "realise", "compressed")
 
 # What "agree" means when a condition differs, per kind (documented in README and printed by verify).
 TOLERANCE = {
     "rpca": 1e-5,        # ||L - L'||_F and ||S - S'||_F relative to ||L + S||_F, per matrix
     "calib": 0,          # token ids: exact
+    "stats": 1e-5,       # ||H - H'||_F / ||H||_F per activation second-moment matrix
+    "realise": 1e-5,     # ||T - T'||_F / ||T||_F per floating tensor; index tensors exact
     "alloc": 1e-3,       # share of mask entries that may differ, per matrix; same shapes required
     "compressed": 1e-5,  # ||T - T'||_F / ||T||_F per floating tensor; other tensors and files exact
 }
 TOLERANCE_TEXT = {
     "rpca": "relative Frobenius error of L and of S <= 1e-5 per matrix",
     "calib": "token ids equal",
+    "stats": "relative Frobenius error <= 1e-5 per tensor",
+    "realise": "relative Frobenius error <= 1e-5 per tensor, indices equal",
     "alloc": "<= 0.1% of mask entries differ per matrix",
     "compressed": "relative Frobenius error <= 1e-5 per tensor",
 }
@@ -63,6 +70,8 @@ def verify(results: str | Path = "results", sample: int = 2, seed: int = 0,
     candidates = {
         "rpca": sorted(results.glob("rpca/*/*/layer_*.safetensors")),
         "calib": sorted(results.glob("calib/*/*.safetensors")),
+        "stats": sorted(results.glob("stats/*/*/layer_*.safetensors")),
+        "realise": sorted(results.glob("realise/*/layer_*.safetensors")),
         "alloc": sorted(results.glob("alloc/*.json")),
         "compressed": sorted(p for p in results.glob("compressed/*") if (p / "info.json").is_file()),
     }
@@ -149,7 +158,9 @@ def _check_alloc(results: Path, path: Path, out: Path) -> dict:
     rpca_files = [results / "rpca" / keys["model_key"] / keys["rpca_key"] / f"layer_{i}.safetensors" for i in keys["layers"]]
     model_dir = results / "model" / keys["model_key"]
     calib = results / "calib" / keys["model_key"] / f"{keys['calib_key']}.safetensors" if keys.get("calib_key") else None
-    missing = [str(p) for p in [*rpca_files, model_dir, *([calib] if calib else [])] if not p.exists()]
+    stats_files = [results / "stats" / keys["model_key"] / keys["stats_key"] / f"layer_{i}.safetensors"
+                   for i in keys["layers"]] if keys.get("stats_key") else []
+    missing = [str(p) for p in [*rpca_files, model_dir, *([calib] if calib else []), *stats_files] if not p.exists()]
     if missing:
         return _skipped(f"its inputs are gone: {missing[:3]}")
     out.mkdir(parents=True)
@@ -158,7 +169,7 @@ def _check_alloc(results: Path, path: Path, out: Path) -> dict:
         now = pipeline.run_allocator(
             [str(p) for p in rpca_files], info["allocator"], info["target_density"], info["allocator_params"],
             info["seed"], str(model_dir), str(calib) if calib else None, str(fresh_json), str(fresh_masks),
-            conditions.device_for(recorded),
+            conditions.device_for(recorded), [str(p) for p in stats_files] or None,
         )["conditions"]
     pair = out / "cached"
     pair.mkdir()
@@ -169,6 +180,50 @@ def _check_alloc(results: Path, path: Path, out: Path) -> dict:
     fresh_json.rename(fresh / path.name)
     fresh_masks.rename(fresh / f"{path.stem}.safetensors")
     return _outcome("alloc", pair, fresh, recorded, now, _alloc_numeric)
+
+
+def _check_stats(results: Path, path: Path, out: Path) -> dict:
+    """Activation statistics: the dense model's forward pass over the calibration windows, all layers at once."""
+    from . import stats
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["glrs"])
+    recorded = meta.get("conditions")
+    model_key = path.parent.parent.name
+    model_dir = results / "model" / model_key
+    calibs = sorted((results / "calib" / model_key).glob("*.safetensors"))
+    if not model_dir.is_dir() or len(calibs) != 1:
+        return _skipped(f"its model or its one calibration file under {results / 'calib' / model_key} is not there")
+    with conditions.pinned_threads(_threads(recorded)):
+        stats.collect(str(model_dir), pipeline.load_calibration(calibs[0]), meta["layers"], str(out),
+                      conditions.device_for(recorded))
+    fresh = out / path.name
+    now = conditions.current(conditions.device_for(recorded))
+    return _outcome("stats", path, fresh, recorded, now, _tensors_numeric("stats"))
+
+
+def _check_realise(results: Path, path: Path, out: Path) -> dict:
+    """One realised layer, from the model, the layer's activation statistics and the allocation."""
+    from . import realise
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["glrs"])
+    recorded = meta.get("conditions")
+    realise_key = path.parent.name
+    info = next((i for i in map(lambda f: json.loads(f.read_text()), results.glob("compressed/*/info.json"))
+                 if i.get("realise_key") == realise_key), None)
+    if info is None:
+        return _skipped("no compressed model names its realisation key (needed to find its inputs)")
+    model_dir = results / "model" / info["model_key"]
+    stats_file = results / "stats" / info["model_key"] / info["stats_key"] / f"layer_{meta['layer']}.safetensors"
+    alloc_json = results / "alloc" / f"{info['alloc_key']}.json"
+    missing = [str(p) for p in (model_dir, stats_file, alloc_json) if not p.exists()]
+    if missing:
+        return _skipped(f"its inputs are gone: {missing}")
+    device = conditions.device_for(recorded)
+    with conditions.pinned_threads(_threads(recorded)):
+        realise.realise_layer(str(model_dir), str(stats_file), str(alloc_json), meta["layer"], meta["params"], str(out), device)
+    return _outcome("realise", path, out, recorded, conditions.current(device), _tensors_numeric("realise"))
 
 
 def _alloc_inputs_from_models(results: Path, alloc_key: str) -> dict | None:
@@ -187,7 +242,15 @@ def _check_compressed(results: Path, path: Path, out: Path) -> dict:
     device = conditions.device_for(recorded)
     # The cached info.json is passed back as the run record: the stage overwrites every field it
     # computes, so the recomputed info.json equals the cached one exactly when those fields agree.
-    if info["method"] == "cap":
+    if info.get("realise_key"):
+        realised = [results / "realise" / info["realise_key"] / f"layer_{i}.safetensors" for i in info["layers"]]
+        alloc_json = results / "alloc" / f"{info['alloc_key']}.json"
+        missing = [str(p) for p in [model_dir, *realised, alloc_json] if not p.exists()]
+        if missing:
+            return _skipped(f"its inputs are gone: {missing[:3]}")
+        with conditions.pinned_threads(_threads(recorded)):
+            pipeline.materialize_realised(str(model_dir), [str(p) for p in realised], str(alloc_json), info, str(out))
+    elif info["method"] == "cap":
         rpca_files = [results / "rpca" / info["model_key"] / info["rpca_key"] / f"layer_{i}.safetensors" for i in info["layers"]]
         alloc_json, masks = results / "alloc" / f"{info['alloc_key']}.json", results / "alloc" / f"{info['alloc_key']}.safetensors"
         missing = [str(p) for p in [model_dir, *rpca_files, alloc_json, masks] if not p.exists()]
@@ -215,7 +278,8 @@ def _threads(recorded: dict | None) -> int | None:
     return int(recorded["threads"]) if recorded and recorded.get("threads") else None
 
 
-_CHECKS = {"rpca": _check_rpca, "calib": _check_calib, "alloc": _check_alloc, "compressed": _check_compressed}
+_CHECKS = {"rpca": _check_rpca, "calib": _check_calib, "stats": _check_stats, "alloc": _check_alloc,
+           "realise": _check_realise, "compressed": _check_compressed}
 
 
 # ---- numeric comparisons (used only when a condition differs) ------------------------------------

@@ -1,7 +1,8 @@
 """`glrs verify` after a run whose jobs used another thread count than verify itself (issue 13).
 
 The workflow runs on a tiny random Llama up to the compressed models (CAP with the uniform
-allocator, and the magnitude baseline), every job with 2 threads; verify runs with 1 thread.
+allocator and its realisation, and the magnitude baseline), every job with 2 threads; verify
+runs with 1 thread.
 It must recompute a sample of every kind of output under the recorded conditions and find
 them identical; where a recorded condition is made to differ it must name it and compare
 numerically; a real change of bytes must still fail.
@@ -23,7 +24,8 @@ from conftest import REPO
 pytestmark = pytest.mark.pipeline
 
 JOB_THREADS = 2
-RULES = ("prepare_model", "decompose", "calibrate", "allocate", "materialize", "compress")
+RULES = ("prepare_model", "decompose", "calibrate", "activations", "allocate", "realise", "materialize_realised",
+         "materialize", "compress")
 
 
 def _config(workdir: Path, model: Path) -> None:
@@ -65,7 +67,7 @@ def results(tmp_path_factory, tiny_llama_dir) -> Path:
     _config(wd, tiny_llama_dir)
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(wd),
            "--configfile", str(wd / "config.yaml"), "--cores", str(JOB_THREADS),
-           "--set-threads", *(f"{r}={JOB_THREADS}" for r in RULES), "--until", "materialize", "compress"]
+           "--set-threads", *(f"{r}={JOB_THREADS}" for r in RULES), "--until", "materialize", "materialize_realised", "compress"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return wd / "results"
@@ -94,9 +96,11 @@ def test_verify_with_another_thread_count_checks_every_kind(results):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [line.split() for line in proc.stdout.splitlines() if line and not line.startswith(" ")]
     checked = {(w[0], w[1]) for w in lines if len(w) >= 3}
-    assert {k for s, k in checked} >= {"rpca", "calib", "alloc", "compressed"}
+    assert {k for s, k in checked} == {"rpca", "calib", "stats", "alloc", "realise", "compressed"}
     assert {s for s, k in checked} == {"identical"}, proc.stdout
-    assert sum(w[0] == "identical" for w in lines) == 2 + 1 + 1 + 2  # 2 layers, 1 calib, 1 alloc, 2 models
+    # 2 of 3 decomposed layers, 1 calibration file, 2 of 3 statistics files, 1 allocation,
+    # 2 of 3 realised layers, 2 models (CAP realised, magnitude)
+    assert sum(w[0] == "identical" for w in lines) == 2 + 1 + 2 + 1 + 2 + 2
 
 
 def test_a_differing_condition_is_named_and_compared_numerically(results, capsys):
