@@ -220,12 +220,14 @@ def run(args: argparse.Namespace) -> None:
             import torch
 
             torch.set_num_threads(args.threads)
-        report = verify(args.results, args.sample, args.seed, args.kinds)
-        for r in report:
+        def show(r: dict) -> None:
             print(f"{r['status']:<10} {r['kind']:<10} {r['file']}" + (f"  ({r['detail']})" if r["detail"] else ""))
             if r["conditions_differ"]:
                 print(f"{'':21} conditions differ: {'; '.join(r['conditions_differ'])}; compared numerically: "
                       f"{r['tolerance']}")
+            sys.stdout.flush()
+
+        report = verify(args.results, args.sample, args.seed, args.kinds, on_result=show)
         counts = {s: sum(r["status"] == s for r in report) for s in ("identical", "close", "DIFFERENT", "skipped")}
         print(", ".join(f"{n} {s}" for s, n in counts.items() if n))
         if counts["DIFFERENT"]:

@@ -58,11 +58,12 @@ TOLERANCE_TEXT = {
 
 
 def verify(results: str | Path = "results", sample: int = 2, seed: int = 0,
-           kinds: tuple[str, ...] | list[str] = KINDS) -> list[dict]:
+           kinds: tuple[str, ...] | list[str] = KINDS, on_result=None) -> list[dict]:
     """Recompute `sample` outputs of each kind (chosen with `seed`) and compare them with the cached ones.
 
     Returns one record per output: kind, file, status (identical / close / DIFFERENT /
-    skipped), conditions_differ (list of 'name: recorded -> now'), detail."""
+    skipped), conditions_differ (list of 'name: recorded -> now'), detail. `on_result(record)`,
+    if given, is called as each one is done."""
     results = Path(results)
     bad = [k for k in kinds if k not in KINDS]
     if bad:
@@ -84,8 +85,10 @@ def verify(results: str | Path = "results", sample: int = 2, seed: int = 0,
             chosen = sorted(random.Random(seed).sample(files, min(sample, len(files))))
             for i, path in enumerate(chosen):
                 out = Path(tmp) / f"{kind}-{i}"
-                rec = _CHECKS[kind](results, path, out)
-                report.append({"kind": kind, "file": str(path), **rec})
+                rec = {"kind": kind, "file": str(path), **_CHECKS[kind](results, path, out)}
+                report.append(rec)
+                if on_result:
+                    on_result(rec)
     return report
 
 
@@ -194,10 +197,12 @@ def _check_stats(results: Path, path: Path, out: Path) -> dict:
     calibs = sorted((results / "calib" / model_key).glob("*.safetensors"))
     if not model_dir.is_dir() or len(calibs) != 1:
         return _skipped(f"its model or its one calibration file under {results / 'calib' / model_key} is not there")
-    with conditions.pinned_threads(_threads(recorded)):
-        stats.collect(str(model_dir), pipeline.load_calibration(calibs[0]), meta["layers"], str(out),
-                      conditions.device_for(recorded))
-    fresh = out / path.name
+    done = out.parent / f"stats-{model_key}-{path.parent.name}"  # one forward pass serves every sampled layer
+    if not done.is_dir():
+        with conditions.pinned_threads(_threads(recorded)):
+            stats.collect(str(model_dir), pipeline.load_calibration(calibs[0]), meta["layers"], str(done),
+                          conditions.device_for(recorded))
+    fresh = done / path.name
     now = conditions.current(conditions.device_for(recorded))
     return _outcome("stats", path, fresh, recorded, now, _tensors_numeric("stats"))
 
