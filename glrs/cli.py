@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> None:
             torch.set_num_threads(args.threads)
         def show(r: dict) -> None:
             print(f"{r['status']:<10} {r['kind']:<10} {r['file']}" + (f"  ({r['detail']})" if r["detail"] else ""))
-            if r["conditions_differ"]:
+            if r["conditions_differ"] and r["status"] in ("close", "DIFFERENT"):
                 print(f"{'':21} conditions differ: {'; '.join(r['conditions_differ'])}; compared numerically: "
                       f"{r['tolerance']}")
             sys.stdout.flush()

@@ -98,7 +98,7 @@ def current(device: str | torch.device = "cpu", dtype: str | torch.dtype | None 
 def differences(recorded: dict | None, now: dict) -> list[str]:
     """Human-readable 'name: recorded -> now' for every condition that differs (missing ones included)."""
     if not recorded:
-        return ["conditions: not recorded (made by an older glrs)"]
+        return ["conditions: not recorded in the file"]
     keys = sorted(set(recorded) | set(now))
     return [f"{k}: {recorded.get(k, '-')} -> {now.get(k, '-')}" for k in keys if recorded.get(k) != now.get(k)]
 
