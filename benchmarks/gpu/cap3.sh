@@ -18,16 +18,17 @@ sm() {  # sm NAME SNAKEMAKE-OPTIONS... -- OVERLAYS...
     shift; for f in "$@"; do files+=("$st/$f.yaml"); done
     local left=$(( budget - ($(date +%s) - start) ))
     (( left > 20 )) || { echo "$name: no time left" | tee -a "$out/status.log"; return 0; }
-    timeout "$left" python3 -m snakemake --nolock --rerun-incomplete --keep-going --scheduler greedy \
-        --omit-from summarize "${opts[@]}" --configfile "${files[@]}" --config model="$model" device=auto \
+    timeout "$left" python3 -m snakemake ${TARGETS:-} --nolock --rerun-incomplete --keep-going --scheduler greedy \
+        "${opts[@]}" --configfile "${files[@]}" --config model="$model" device=auto \
         >>"$out/$name.log" 2>&1
     echo "$name: exit $? at $(( $(date +%s) - start )) s" | tee -a "$out/status.log"
 }
-sm prep --cores 16 --until activations calibrate -- cap3-weights zs100
-sm w --cores 6 --resources gpu=8 -- cap3-weights zs100 &
-{ sm r --cores 4 --resources gpu=4 -- cap3 zs100; sm p --cores 3 --resources gpu=2 -- paper zs100; } &
-sm b --cores 3 --resources gpu=6 -- baselines3 zs100 &
-sm o --cores 3 --resources gpu=3 -- oats-0.1 zs100 &
+TARGETS="activations calibrate" sm prep --cores 16 -- cap3-weights zs100
+o=(--omit-from summarize)
+sm w --cores 6 --resources gpu=8 "${o[@]}" -- cap3-weights zs100 &
+{ sm r --cores 4 --resources gpu=4 "${o[@]}" -- cap3 zs100; sm p --cores 3 --resources gpu=2 "${o[@]}" -- paper zs100; } &
+sm b --cores 3 --resources gpu=6 "${o[@]}" -- baselines3 zs100 &
+sm o --cores 3 --resources gpu=3 "${o[@]}" -- oats-0.1 zs100 &
 wait
 python3 -m glrs summarize --results results --out results/summary.csv
 python3 -m glrs summary results/summary.csv --wide --csv > "$out/summary.csv"
