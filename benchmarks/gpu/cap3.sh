@@ -9,7 +9,9 @@ set -uo pipefail
 model=$1 budget=$2 out=$3
 st=benchmarks/gpu/stages
 start=$(date +%s)
-export GLRS_GPU_LOCKS=0 PYTHONUNBUFFERED=1
+# One CPU thread per job: on 2026-12-03 every job's torch took all 16 cores, and with ~20 jobs at once a
+# Stage-2 step took 10-20 s instead of 1.5 s, so nothing finished inside two 10-minute calls.
+export GLRS_GPU_LOCKS=0 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 mkdir -p "$out"
 sm() {  # sm NAME SNAKEMAKE-OPTIONS... -- OVERLAYS...
     local name=$1; shift
