@@ -57,3 +57,43 @@ def test_masks_round_trip(tmp_path):
     back = allocate.load_masks(tmp_path / "a.safetensors")
     assert all(torch.equal(back.rank_keep[k], v) for k, v in alloc.rank_keep.items())
     assert all(torch.equal(back.sparse_keep[k], v) for k, v in alloc.sparse_keep.items())
+
+
+def test_owl_densities_follow_the_outlier_shares_and_keep_the_mean():
+    shares = [0.01, 0.05, 0.03, 0.02]
+    out = allocate.owl_layer_densities(shares, 0.5, 0.08)
+    assert sum(out) / len(out) == pytest.approx(0.5)
+    assert max(out) - min(out) == pytest.approx(0.16)
+    assert sorted(range(4), key=out.__getitem__) == sorted(range(4), key=shares.__getitem__)
+    assert allocate.owl_layer_densities([0.02, 0.02], 0.4, 0.08) == pytest.approx([0.4, 0.4])
+
+
+def test_owl_gives_the_layer_with_outliers_more(tmp_path, tiny_prepared):
+    """On a real (tiny) checkpoint: plant activation outliers in layer 1's statistics and it keeps more."""
+    from safetensors.torch import save_file
+
+    from glrs import modelio, stats
+
+    pools_, files = [], []
+    for layer in range(3):
+        W = modelio.read_layer(str(tiny_prepared), layer)
+        tensors = {}
+        for short, w in W.items():
+            m, n = w.shape
+            pools_.append(allocate.MatrixPool(modelio.weight_name(layer, short), layer, short, (m, n),
+                                              torch.zeros(0, dtype=torch.float64),
+                                              torch.sort(w.reshape(-1).abs().double(), descending=True).values))
+            g = stats.INPUT_OF[short]
+            if g not in tensors:
+                d = torch.ones(n)
+                if layer == 1:
+                    d[:2] = 1e4  # two outlier input features
+                tensors[g] = torch.diag(d)
+        path = tmp_path / f"layer_{layer}.safetensors"
+        save_file(tensors, str(path), metadata={"glrs": "{}"})
+        files.append(str(path))
+    alloc = allocate.owl(pools_, 0.5, str(tiny_prepared), files)
+    kept = {layer: sum(int(alloc.sparse_keep[p.name].sum()) for p in pools_ if p.layer == layer) for layer in range(3)}
+    assert kept[1] > kept[0] and kept[1] > kept[2]
+    info = allocate.summarize(pools_, alloc, 0.5)
+    assert abs(info["achieved_density"] - 0.5) < 1e-3
