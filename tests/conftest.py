@@ -10,6 +10,15 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is much faster than two contended ones (LAPACK calls only wait on each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def real_tokenizer_dir(tmp_path_factory) -> Path:
     """SmolLM2's real tokenizer (from the embedded GGUF), saved as a plain HF tokenizer directory."""

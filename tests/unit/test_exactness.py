@@ -33,13 +33,7 @@ RPCA = {"lambda_scale": 1.0, "tol": 1e-4, "max_iter": 30, "rho": 1.5, "mu_factor
 SHAPES = [(12, 12), (12, 20), (20, 12)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is much faster than two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def slow_dense(U, sigma, V, S_index, S_values, shape) -> torch.Tensor:

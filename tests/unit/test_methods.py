@@ -25,13 +25,7 @@ from glrs.modelio import TARGETS, weight_name
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the LAPACK calls are tiny; with several threads on a shared machine they only wait on each other
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(seed: int = 0, attn: str | None = None):
