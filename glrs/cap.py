@@ -6,6 +6,12 @@ target matrix W (m x n) into L = U diag(sigma) V^T and a sparse S. Stage 2,
 this module, decides which singular components and which entries of S survive,
 for all layers at once, under one global parameter budget.
 
+What it hands on. [departure] By default (`realise.mode: refit`) only the per-matrix totals of
+the kept parameters leave this stage: glrs.realise spends each matrix's total on low-rank +
+sparse weights refitted to the calibration inputs, because on SmolLM2 the kept RPCA candidates
+themselves lose 4-9x more of each matrix's output than a refit realisation (README, "Where glrs
+departs from the papers"). `realise.mode: select` materialises the kept candidates (the paper).
+
 Sources. The paper's own text is not reachable from this workplace. What is
 stated below as [paper] comes from two public secondary sources that read the
 full v3 text: a paper note (method equations, settings) and a source-grounded

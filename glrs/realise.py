@@ -168,7 +168,7 @@ def realise_matrix(W: torch.Tensor, H: torch.Tensor, budget: int, params: dict) 
 def realise_layer(model_dir: str, stats_file: str, alloc_json: str, layer: int, params: dict, out: str,
                   device: str = "cpu") -> dict:
     """Realise the seven targets of one layer at the allocation's budgets; write the factored form."""
-    from .conditions import SOLVER_THREADS, pinned_threads
+    from .conditions import SOLVER_THREADS, current, pinned_threads
 
     p = resolve_params(params)
     info = json.loads(Path(alloc_json).read_text())
@@ -186,7 +186,8 @@ def realise_layer(model_dir: str, stats_file: str, alloc_json: str, layer: int, 
                 t = factors[part].to("cpu")
                 tensors[f"{short}.{part}"] = (t if part == "S_index" else t.to(W.dtype)).contiguous()
             records[short] = rec | {"name": name, "shape": list(W.shape), "budget": budgets[name]}
-    meta = {"layer": layer, "params": p, "matrices": records}
+    threads = SOLVER_THREADS if str(device) == "cpu" else torch.get_num_threads()
+    meta = {"layer": layer, "params": p, "matrices": records, "conditions": current(device, "float64", threads=threads)}
     with cas.atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata={"glrs": cas.canonical_json(meta)})
     return meta

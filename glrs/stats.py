@@ -40,7 +40,10 @@ def collect(model_dir: str, calib_ids: torch.Tensor, layers: list[int], out_dir:
     stats = collect_stats(model, calib_ids, device, batch_size=batch_size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"tokens": int(calib_ids.numel()), "layers": layers, "version": STATS_VERSION}
+    from .conditions import current
+
+    meta = {"tokens": int(calib_ids.numel()), "layers": layers, "version": STATS_VERSION,
+            "conditions": current(device, "float64")}
     for i in layers:
         tensors = {}
         for short, group in INPUT_OF.items():
