@@ -434,3 +434,35 @@ def test_float16_probabilities_survive_huge_steps():
         assert not res.skipped
         assert bool(torch.isfinite(pol.flat).all()) and float(pol.flat.min()) >= 0 and float(pol.flat.max()) <= 1
         assert abs(pol.expected_cost() - 700) < 700 * 1e-3  # float16 rounding of 2030 values
+
+
+# ---- learning that reaches the result (through the real allocator entry point) ----------------------------
+
+def test_sampled_masks_reach_the_loss(tiny):
+    """Two masks on the same batch must see different losses: if the mask did not reach the model the
+    leave-one-out advantages would all be zero and nothing could be learned."""
+    _, info = run(tiny, 0.5)
+    assert info["steps"] == 3
+    assert all(len(step) == 2 for step in info["losses"])
+    assert any(abs(a - b) > 1e-6 for a, b in info["losses"])
+
+
+def test_learned_offsets_reach_the_final_selection(tiny):
+    """Same seed and initialisation: with training the kept masks differ from the untrained ones, and
+    with a vanishing step size they do not (the selection reads the learned state, nothing else)."""
+    untrained, _ = run(tiny, 0.5, {"epochs": 0})
+    frozen, _ = run(tiny, 0.5, {"logit_lr": 1e-12})
+    trained, info = run(tiny, 0.5, {"epochs": 3, "logit_lr": 5.0})
+    assert same(untrained, frozen)
+    assert not same(untrained, trained)
+    assert info["steps"] == 9
+
+
+def test_the_papers_entry_policy_trains_through_the_allocator(tiny):
+    alloc, info = run(tiny, 0.5, {"policy": "entry", "lr": 0.05, "samples_per_step": 1, "baseline": "ema",
+                                  "init": "magnitude"})
+    assert info["steps"] == 3 and info["skipped_steps"] == 0
+    assert all(len(step) == 1 and math.isfinite(step[0]) for step in info["losses"])
+    assert info["params_kept"] <= allocate.budget_for(tiny["pools"], 0.5)
+    untrained, _ = run(tiny, 0.5, {"policy": "entry", "init": "magnitude", "epochs": 0})
+    assert not same(alloc, untrained)
