@@ -15,7 +15,8 @@ from conftest import REPO
 
 pytestmark = pytest.mark.pipeline
 
-HEAVY = {"prepare_model", "decompose", "calibrate", "allocate", "materialize", "evaluate_ppl"}
+HEAVY = {"prepare_model", "decompose", "calibrate", "activations", "allocate", "realise", "materialize",
+         "materialize_realised", "evaluate_ppl"}
 
 
 def write_config(workdir: Path, model: Path, **overrides) -> Path:
@@ -63,7 +64,8 @@ def workdir(tmp_path_factory, tiny_llama_dir):
 def test_dry_run_has_one_decompose_job_per_layer(workdir):
     jobs = planned_jobs(workdir)
     assert jobs["decompose"] == 3
-    assert jobs["prepare_model"] == jobs["allocate"] == jobs["materialize"] == 1
+    assert jobs["prepare_model"] == jobs["allocate"] == jobs["materialize_realised"] == jobs["activations"] == 1
+    assert jobs["realise"] == 3  # CAP's realisation: one job per layer
     assert jobs["evaluate_ppl"] == 2  # dense and compressed
     assert {"summarize", "plot_allocation", "plot_spectra"} <= set(jobs)
 
@@ -112,8 +114,9 @@ def test_verify_recomputes_decompositions_bit_for_bit(workdir):
 def test_changing_density_reuses_every_decomposition(workdir, tiny_llama_dir):
     write_config(workdir, tiny_llama_dir, target_density=[0.3])
     jobs = planned_jobs(workdir)
-    assert "decompose" not in jobs and "prepare_model" not in jobs
-    assert jobs["allocate"] == jobs["materialize"] == jobs["evaluate_ppl"] == 1
+    assert "decompose" not in jobs and "prepare_model" not in jobs and "activations" not in jobs
+    assert jobs["allocate"] == jobs["materialize_realised"] == jobs["evaluate_ppl"] == 1
+    assert jobs["realise"] == 3
     snakemake(workdir)
     rows = list(csv.DictReader((workdir / "results" / "summary.csv").open()))
     assert sorted(float(r["target_density"]) for r in rows) == [0.3, 0.5, 1.0]  # the whole tree, old runs included
