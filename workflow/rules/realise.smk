@@ -12,7 +12,7 @@ rule activations:
         PLAN.stats_files,
     params:
         layers=" ".join(map(str, PLAN.layers)),
-        out_dir=f"{RESULTS}/stats/{PLAN.model_key}/{PLAN.stats_key}",
+        out_dir=lambda wc, output: os.path.dirname(output[0]),
         device=config["device"],
     resources:
         gpu=1,
