@@ -62,6 +62,8 @@ def matrix_budgets(alloc_info: dict) -> dict[str, int]:
     """Weight name -> parameters the realisation spends on it: what Stage 2 kept in that matrix
     (rank * (m + n) + nnz), capped at its dense size; what the cap removes goes to the other
     matrices in proportion to their budgets, so the total is exactly the allocation's."""
+    from .methods.base import split_count
+
     mats = alloc_info["matrices"]
     want = {name: m["rank"] * sum(m["shape"]) + m["nnz"] for name, m in mats.items()}
     cap = {name: m["shape"][0] * m["shape"][1] for name, m in mats.items()}
@@ -79,14 +81,8 @@ def matrix_budgets(alloc_info: dict) -> dict[str, int]:
             left -= cap[n]
             del free[n]
     names = sorted(free)
-    weights = [free[n] for n in names]
-    whole = sum(weights)
-    cum = prev = 0
-    for n, w in zip(names, weights):  # cumulative rounding: the parts add up to `left` exactly
-        cum += w
-        nxt = int(round(left * cum / whole)) if whole else 0
-        out[n] = min(cap[n], nxt - prev)
-        prev = nxt
+    for n, part in zip(names, split_count(left, [free[n] for n in names])):  # adds up to `left` exactly
+        out[n] = min(cap[n], part)
     return out
 
 
