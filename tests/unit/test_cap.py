@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from glrs import allocate, cap, cas, modelio, pipeline
+from glrs.cap import candidates as cap_candidates
+from glrs.cap import policy as cap_policy
 from glrs.errors import GlrsError
 
 RPCA_PARAMS = {"lambda_scale": 1.0, "tol": 1e-7, "max_iter": 500, "rho": 1.5, "mu_factor": 1.25, "dtype": "float64"}
@@ -65,7 +67,7 @@ def test_reinforce_gradient_is_unbiased_for_a_known_loss():
     masks = torch.rand(40000, 4, generator=gen) < s
     losses = ((1 - masks.float()) * w).sum(1)
     for baseline in (0.0, 1.7):
-        est = cap.reinforce_grad(masks, s, (losses - baseline)[:, None], eps=0.0).mean(0)
+        est = cap_policy.reinforce_grad(masks, s, (losses - baseline)[:, None], eps=0.0).mean(0)
         assert torch.allclose(est, -w, atol=0.2), (baseline, est)
     # the sign alone: a component whose removal hurts gets a negative gradient (its s will grow)
     assert est[0] < -0.5 and est[1] < -1.0 and abs(float(est[3])) < 0.2
@@ -77,7 +79,7 @@ def test_policy_moves_probability_to_the_components_that_matter(seed):
     eight cost-1 entries of which two matter (0.5 each); budget 6 fits exactly the three that matter.
     From uniform probabilities, REINFORCE + projection must find them (the loss is noisy)."""
     w = [torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5, 0, 0, 0, 0, 0, 0])]
-    pol = cap.BernoulliPolicy([2, 8], [4, 1], 6, seed=seed, lr=0.05, baseline="ema", baseline_beta=0.8)
+    pol = cap_policy.BernoulliPolicy([2, 8], [4, 1], 6, seed=seed, lr=0.05, baseline="ema", baseline_beta=0.8)
     pol.init_uniform()
     noise = torch.Generator().manual_seed(seed + 100)
 
@@ -93,8 +95,8 @@ def test_policy_moves_probability_to_the_components_that_matter(seed):
     big, small = pol.probs(0), pol.probs(1)
     assert float(big[0]) > float(start[0][0]) + 0.3 and float(big[0]) > float(big[1]) + 0.5
     assert float(small[:2].min()) > float(small[2:].max()) + 0.3
-    keys = [cap.selection_keys(pol.probs(b), torch.zeros(pol.sizes[b])) for b in range(2)]
-    chosen = cap.greedy_select(keys, [4, 1], 6)
+    keys = [cap_policy.selection_keys(pol.probs(b), torch.zeros(pol.sizes[b])) for b in range(2)]
+    chosen = cap_policy.greedy_select(keys, [4, 1], 6)
     assert chosen[0].tolist() == [True, False]
     assert chosen[1].tolist() == [True, True] + [False] * 6
 
@@ -107,7 +109,7 @@ def test_tied_policy_moves_budget_to_the_block_that_matters(seed):
     candidate (block 0 above block 2 above block 1), the expected cost staying on the budget."""
     sizes, costs, budget = [200, 200, 40], [1, 1, 5], 300
     w = [0.01, 0.0, 0.02]
-    pol = cap.TiedPolicy(sizes, costs, budget, seed=seed, lr=0.2, baseline="loo", samples_per_step=2)
+    pol = cap_policy.TiedPolicy(sizes, costs, budget, seed=seed, lr=0.2, baseline="loo", samples_per_step=2)
     ramp = [torch.linspace(1.0, 2.0, n) for n in sizes]  # the same importance order inside each block
     pol.init_from_scores(lambda b: ramp[b], temperature=0.25)
     noise = torch.Generator().manual_seed(seed + 100)
@@ -135,14 +137,14 @@ def test_tied_policy_moves_budget_to_the_block_that_matters(seed):
 def test_logit_keys_follow_float_order_across_signs():
     gen = torch.Generator().manual_seed(5)
     x = torch.cat([torch.randn(1000, generator=gen) * 30, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 60.0, -60.0])])
-    keys = cap.logit_keys(x, torch.zeros_like(x))
+    keys = cap_policy.logit_keys(x, torch.zeros_like(x))
     assert bool((keys >= 0).all())
     order_keys = torch.argsort(keys, stable=True)
     assert torch.equal(x[order_keys], torch.sort(x, stable=True).values)
 
 
 def test_non_finite_loss_skips_the_step():
-    pol = cap.BernoulliPolicy([4], [1], 2, seed=0)
+    pol = cap_policy.BernoulliPolicy([4], [1], 2, seed=0)
     pol.init_uniform()
     before = pol.flat.clone()
     res = pol.step(lambda s: float("nan"))
@@ -154,7 +156,7 @@ def test_leave_one_out_baseline_cancels_batch_difficulty():
     w = torch.tensor([1.0, 0.0, 0.0, 1.0])
     runs = []
     for offset in (0.0, 5.0):
-        pol = cap.BernoulliPolicy([4], [1], 2, seed=3, baseline="loo", samples_per_step=2)
+        pol = cap_policy.BernoulliPolicy([4], [1], 2, seed=3, baseline="loo", samples_per_step=2)
         pol.init_uniform()
         for t in range(20):
             pol.step(lambda s, t=t: float((w * (1 - s.mask(0).float())).sum()) + offset * (t % 3))
@@ -173,7 +175,7 @@ def test_projection_is_exact_and_kkt(fraction, spread):
     original = [v.clone() for v in values]
     capacity = sum(c * v.numel() for v, c in zip(values, costs))
     budget = fraction * capacity
-    tau = cap.project_budget(values, costs, budget)
+    tau = cap_policy.project_budget(values, costs, budget)
     total = sum(c * float(v.double().sum()) for v, c in zip(values, costs))
     assert all(float(v.min()) >= 0 and float(v.max()) <= 1 for v in values)
     assert abs(total - budget) <= 1e-6 * max(budget, 1.0)
@@ -184,18 +186,18 @@ def test_projection_is_exact_and_kkt(fraction, spread):
 
 def test_projection_keeps_a_feasible_point_and_handles_edges():
     v = [torch.full((10,), 0.25), torch.full((2,), 0.25)]
-    tau = cap.project_budget(v, [1, 5], 0.25 * (10 + 10))
+    tau = cap_policy.project_budget(v, [1, 5], 0.25 * (10 + 10))
     assert abs(tau) < 1e-12 and all(torch.all(x == 0.25) for x in v)
     single = [torch.tensor([3.0])]
-    cap.project_budget(single, [2], 1.0)
+    cap_policy.project_budget(single, [2], 1.0)
     assert float(single[0]) == 0.5
     empty_and_one = [torch.zeros(0), torch.tensor([0.1, 0.9])]
-    cap.project_budget(empty_and_one, [3, 1], 1.0)
+    cap_policy.project_budget(empty_and_one, [3, 1], 1.0)
     assert abs(float(empty_and_one[1].sum()) - 1.0) < 1e-6
     with pytest.raises(ValueError):
-        cap.project_budget([torch.rand(3)], [1], 3.5)
+        cap_policy.project_budget([torch.rand(3)], [1], 3.5)
     with pytest.raises(ValueError):
-        cap.project_budget([torch.rand(3)], [1], -1)
+        cap_policy.project_budget([torch.rand(3)], [1], -1)
 
 
 def test_projection_exact_at_scale_in_float32():
@@ -204,7 +206,7 @@ def test_projection_exact_at_scale_in_float32():
     values = [torch.rand(2_000_000, generator=gen) * 1.2 - 0.1, torch.rand(3000, generator=gen), torch.rand(900, generator=gen)]
     costs = [1, 1152, 2112]
     budget = 2_345_678
-    cap.project_budget(values, costs, budget)
+    cap_policy.project_budget(values, costs, budget)
     total = sum(c * float(v.double().sum()) for v, c in zip(values, costs))
     assert abs(total - budget) <= 1e-6 * budget
 
@@ -230,7 +232,7 @@ def test_greedy_select_equals_the_sequential_walk_with_ties():
         keys = [torch.randint(0, 6 if trial % 2 else 1 << 40, (n,), generator=gen) for n in sizes]
         capacity = sum(n * c for n, c in zip(sizes, costs))
         budget = int(torch.randint(0, capacity + 2, (1,), generator=gen))
-        got = cap.greedy_select(keys, costs, budget)
+        got = cap_policy.greedy_select(keys, costs, budget)
         want = _sequential_greedy(keys, costs, budget)
         assert all(torch.equal(g, w) for g, w in zip(got, want)), (trial, sizes, budget)
         assert sum(int(g.sum()) * c for g, c in zip(got, costs)) <= budget
@@ -239,7 +241,7 @@ def test_greedy_select_equals_the_sequential_walk_with_ties():
 def test_selection_keys_order_by_probability_then_score():
     p = torch.tensor([0.5, 0.5, 1.0, 0.0, -0.0, 0.25])
     sc = torch.tensor([1.0, 2.0, 0.0, 5.0, 6.0, 1e-30])
-    order = torch.argsort(cap.selection_keys(p, sc), descending=True, stable=True).tolist()
+    order = torch.argsort(cap_policy.selection_keys(p, sc), descending=True, stable=True).tolist()
     assert order == [2, 1, 0, 5, 4, 3]
 
 
@@ -287,10 +289,10 @@ def test_without_steps_the_masks_are_the_greedy_energy_per_parameter_allocation(
     params = {"epochs": 0, "init": "magnitude", "policy": policy}
     alloc, info = cap.allocate_with_info(pools, 0.5, params, 0, None, tiny["files"], None)
     assert info["steps"] == 0
-    blocks = cap.build_blocks(pools, "cap", 1)
-    score = cap.block_scores(pools, blocks)
-    keys = [cap.selection_keys(torch.ones(b.nvar), score(i)) for i, b in enumerate(blocks)]
-    want = cap.greedy_select(keys, [b.cost for b in blocks], allocate.budget_for(pools, 0.5))
+    blocks = cap_candidates.build_blocks(pools, "cap", 1)
+    score = cap_candidates.block_scores(pools, blocks)
+    keys = [cap_policy.selection_keys(torch.ones(b.nvar), score(i)) for i, b in enumerate(blocks)]
+    want = cap_policy.greedy_select(keys, [b.cost for b in blocks], allocate.budget_for(pools, 0.5))
     for blk, w in zip(blocks, want):
         got = (alloc.rank_keep if blk.kind == "rank" else alloc.sparse_keep)[pools[blk.matrix].name]
         assert torch.equal(got, w)
@@ -303,11 +305,11 @@ def test_activation_scores_are_output_energy_per_parameter(tiny):
     from transformers import AutoModelForCausalLM
 
     pools = tiny["pools"]
-    blocks = cap.build_blocks(pools, "cap", 1)
-    factors = cap._read_factors(tiny["files"], pools, "cap", torch.device("cpu"), offload=False)
-    raw = cap.activation_block_scores(tiny["model_dir"], tiny["ids"], pools, blocks, factors, torch.device("cpu"),
+    blocks = cap_candidates.build_blocks(pools, "cap", 1)
+    factors = cap_candidates._read_factors(tiny["files"], pools, "cap", torch.device("cpu"), offload=False)
+    raw = cap_candidates.activation_block_scores(tiny["model_dir"], tiny["ids"], pools, blocks, factors, torch.device("cpu"),
                                       per_matrix=False)
-    scaled = cap.activation_block_scores(tiny["model_dir"], tiny["ids"], pools, blocks, factors, torch.device("cpu"))
+    scaled = cap_candidates.activation_block_scores(tiny["model_dir"], tiny["ids"], pools, blocks, factors, torch.device("cpu"))
     model = AutoModelForCausalLM.from_pretrained(tiny["model_dir"], dtype=torch.float32).eval()
     name = pools[blocks[0].matrix].name
     grams = []
@@ -349,10 +351,10 @@ def test_engine_loss_with_everything_kept_is_the_dense_loss(tiny):
     from transformers import AutoModelForCausalLM
 
     pools, dev = tiny["pools"], torch.device("cpu")
-    blocks = cap.build_blocks(pools, "cap", 1)
-    factors = cap._read_factors(tiny["files"], pools, "cap", dev, offload=False)
-    model, modules = cap._load_model(tiny["model_dir"], factors, dev, torch.float32)
-    mats = [cap._Matrix(p, modules[p.name], factors[p.name]) for p in pools]
+    blocks = cap_candidates.build_blocks(pools, "cap", 1)
+    factors = cap_candidates._read_factors(tiny["files"], pools, "cap", dev, offload=False)
+    model, modules = cap_candidates._load_model(tiny["model_dir"], factors, dev, torch.float32)
+    mats = [cap_candidates._Matrix(p, modules[p.name], factors[p.name]) for p in pools]
     for b, blk in enumerate(blocks):
         if blk.kind == "rank":
             mats[blk.matrix].rank_block = b
@@ -363,7 +365,7 @@ def test_engine_loss_with_everything_kept_is_the_dense_loss(tiny):
         def mask(self, b):
             return torch.ones(blocks[b].nvar, dtype=torch.bool)
 
-    engine = cap._Engine(model, mats, blocks, dev, torch.float32)
+    engine = cap_candidates._Engine(model, mats, blocks, dev, torch.float32)
     got = engine.loss(tiny["ids"], AllOn())
     engine.close()
     dense = AutoModelForCausalLM.from_pretrained(tiny["model_dir"]).eval()
@@ -396,11 +398,11 @@ def test_spaces_that_cannot_hold_the_budget_raise(tiny):
     lowrank_cap = sum(p.sigma.numel() * p.rank_cost for p in pools) / tiny["dense"]
     sparse_cap = sum(p.s_abs.numel() for p in pools) / tiny["dense"]
     with pytest.raises(GlrsError, match="lambda_scale"):
-        cap.space_budget(pools, lowrank_cap + 0.05, "lowrank-only")
+        cap_candidates.space_budget(pools, lowrank_cap + 0.05, "lowrank-only")
     with pytest.raises(GlrsError, match="sparse-only"):
         run(tiny, sparse_cap + 0.02, space="sparse-only")
     with pytest.raises(GlrsError):
-        cap.space_budget(pools, 0.5, "dense-only")
+        cap_candidates.space_budget(pools, 0.5, "dense-only")
 
 
 def test_parameters_are_validated():
@@ -415,7 +417,7 @@ def test_parameters_are_validated():
 
 def test_same_masks_regenerated_for_the_update():
     """The update regenerates each block's mask from its seed: a sample must give the same mask twice."""
-    pol = cap.BernoulliPolicy([1000, 10], [1, 50], 600, seed=4)
+    pol = cap_policy.BernoulliPolicy([1000, 10], [1, 50], 600, seed=4)
     pol.init_uniform()
     smp = pol.sample(3, 0)
     for b in range(2):
@@ -427,7 +429,7 @@ def test_same_masks_regenerated_for_the_update():
 def test_float16_probabilities_survive_huge_steps():
     """A rare-event REINFORCE step can be ~ lr * adv / s: float16 storage must stay finite and the
     projection must still meet the budget."""
-    pol = cap.BernoulliPolicy([2000, 30], [1, 40], 700, seed=2, lr=5.0, grad_eps=0.0, prob_dtype=torch.float16)
+    pol = cap_policy.BernoulliPolicy([2000, 30], [1, 40], 700, seed=2, lr=5.0, grad_eps=0.0, prob_dtype=torch.float16)
     pol.init_uniform()
     for t in range(5):
         res = pol.step(lambda s, t=t: 1e4 * (t % 2) + float(s.mask(0).float().mean()))
