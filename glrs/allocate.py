@@ -34,6 +34,11 @@ NEEDS_CALIBRATION = ("cap", "lowrank-only", "sparse-only")
 NEEDS_STATS = ("owl",)
 
 
+def needs_stats(allocator: str, params: dict) -> bool:
+    """Whether an allocation job reads the activations job's files: OWL, and CAP's budget policy."""
+    return allocator in NEEDS_STATS or (allocator in NEEDS_CALIBRATION and params.get("policy") == "budget")
+
+
 @dataclass
 class MatrixPool:
     """The candidates Stage 1 left for one matrix: its singular values and sorted |S|."""

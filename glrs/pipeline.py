@@ -127,7 +127,7 @@ def run_allocator(rpca_files: list[str], allocator: str, density: float, params:
     for path in rpca_files:
         check_readable(path, "RPCA factors", "delete the file and rerun its decompose job")
     pools = allocate.load_pools(rpca_files)
-    used = "cpu"
+    used, stage2 = "cpu", None
     if allocator == "uniform":
         alloc = allocate.uniform(pools, density, **params)
     elif allocator == "rpca-threshold":
@@ -141,12 +141,15 @@ def run_allocator(rpca_files: list[str], allocator: str, density: float, params:
 
         with gpuslots.device_slot(device) as dev:
             used = dev
-            alloc = cap.allocate(pools, density, params, seed, model_dir, rpca_files, load_calibration(calib_file),
-                                 space=allocator, device=dev)
+            alloc, stage2 = cap.allocate_with_info(pools, density, params, seed, model_dir, rpca_files,
+                                                   load_calibration(calib_file), allocator, dev, stats_files)
     else:
         raise GlrsError(f"unknown allocator {allocator!r}; use one of {', '.join(allocate.ALLOCATORS)}")
     info = allocate.summarize(pools, alloc, density)
     info |= {"allocator": allocator, "allocator_params": params, "seed": seed}
+    if stage2:
+        info["stage2"] = {k: stage2[k] for k in ("policy", "steps", "skipped_steps", "surrogate_loss_uniform",
+                                                  "surrogate_loss_learned", "theta", "expected_density") if k in stage2}
     info |= {"inputs": conditions.input_keys(rpca_files, calib_file, stats_files), "conditions": conditions.current(used)}
     allocate.save(alloc, info, json_out, masks_out)
     return info

@@ -125,10 +125,10 @@ class Plan:
     def allocate_inputs(self, alloc_key: str) -> dict:
         """What one allocation job reads: every layer's factors, and the model and calibration text if it learns."""
         inputs = {"rpca": self.rpca_files}
-        allocator = self.run_by_alloc_key(alloc_key).allocator
-        if allocator in allocate.NEEDS_CALIBRATION:
+        run = self.run_by_alloc_key(alloc_key)
+        if run.allocator in allocate.NEEDS_CALIBRATION:
             inputs |= {"model": self.model_dir, "calib": self.calib_file}
-        if allocator in allocate.NEEDS_STATS:
+        if allocate.needs_stats(run.allocator, run.params):
             inputs |= {"model": self.model_dir, "stats": self.stats_files}
         return inputs
 
@@ -242,14 +242,14 @@ def make_plan(config: dict) -> Plan:
         for allocator in config["allocators"]:
             params = dict(config.get("allocator_params", {}).get(allocator, {}))
             inputs = {"rpca": rpca_key, "layers": ",".join(map(str, layers))}
-            if allocator in allocate.NEEDS_STATS:
-                inputs |= {"stats": stats_key}
             if allocator in allocate.NEEDS_CALIBRATION:
                 from . import cap
 
                 # Hash the effective settings, defaults included, so a changed default is a new key.
-                params = cap.resolve_params(params)
+                params = cap.resolve_params(params, allocator)
                 inputs |= {"calib": calib_key, "cap_version": str(cap.CAP_VERSION)}
+            if allocate.needs_stats(allocator, params):
+                inputs |= {"stats": stats_key}
             for density in config["target_density"]:
                 alloc_key = cas.key_of("alloc", allocate.ALLOC_VERSION, inputs,
                                        {"allocator": allocator, "density": density, "params": params, "seed": config["seed"]})

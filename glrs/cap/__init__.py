@@ -184,12 +184,17 @@ from .candidates import (_Engine, _Matrix, _load_model, _read_factors, activatio
                          build_blocks, space_budget)
 from .policy import BernoulliPolicy, TiedPolicy
 
-CAP_VERSION = 2
+CAP_VERSION = 3
 
 
 # Config `allocator_params.<cap|lowrank-only|sparse-only>`: every key, its default and meaning.
 ALLOC_PARAMS_DEFAULTS: dict = {
-    "policy": "tied",          # tied ([departure], see TiedPolicy) | entry (the paper: one free probability per candidate)
+    "policy": "budget",        # budget ([departure], glrs/cap/budget.py: per-matrix budgets; space cap only) |
+                               # tied ([departure], see TiedPolicy) | entry (the paper: one free probability per candidate)
+    "sigma": 0.2,              # policy budget: std of a sample's log-budget perturbation
+    "budget_lr": 0.05,         # policy budget: step of theta per normalised advantage (log-budget units)
+    "max_shift": 0.7,          # policy budget: |theta| <= max_shift (a matrix keeps 1/2..2x the uniform budget)
+    "tie": "matrix",           # policy budget: one offset per matrix | per decoder layer
     "lr": 0.05,                # [paper] policy entry: step size of s <- s - lr (L - delta) grad log p
     "logit_lr": 0.1,           # policy tied: step size of the per-block logit offsets theta
     "epochs": 3,               # [paper "three iterations"] passes over the calibration sequences; 0 = init only
@@ -214,13 +219,15 @@ def _is_int(x, lo: int) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and float(x).is_integer() and x >= lo
 
 
-def resolve_params(params: dict | None) -> dict:
-    """Defaults merged with the given params, validated; unknown keys are an error."""
+def resolve_params(params: dict | None, space: str = "cap") -> dict:
+    """Defaults merged with the given params, validated; unknown keys are an error. The spaces that
+    restrict Stage 2 to one kind of candidate (lowrank-only, sparse-only) default to the tied policy:
+    the budget policy decides per-matrix totals, which those ablations are not about."""
     params = dict(params or {})
     unknown = sorted(set(params) - set(ALLOC_PARAMS_DEFAULTS))
     if unknown:
         raise GlrsError(f"unknown CAP allocator parameter(s) {unknown}; valid: {', '.join(ALLOC_PARAMS_DEFAULTS)}")
-    p = {**ALLOC_PARAMS_DEFAULTS, **params}
+    p = {**ALLOC_PARAMS_DEFAULTS, **({"policy": "tied"} if space != "cap" else {}), **params}
 
     def number(x) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -235,7 +242,12 @@ def resolve_params(params: dict | None) -> dict:
         (number(p["baseline_beta"]) and 0 <= p["baseline_beta"] < 1, "baseline_beta must be in [0, 1)"),
         (_is_int(p["baseline_window"], 1), "baseline_window must be an integer >= 1"),
         (number(p["grad_eps"]) and p["grad_eps"] >= 0, "grad_eps must be a number >= 0"),
-        (p["policy"] in ("tied", "entry"), "policy must be tied or entry"),
+        (p["policy"] in ("budget", "tied", "entry"), "policy must be budget, tied or entry"),
+        (p["policy"] != "budget" or space == "cap", f"policy budget works in space cap only, not {space}: use tied"),
+        (number(p["sigma"]) and p["sigma"] > 0, "sigma must be a number > 0"),
+        (number(p["budget_lr"]) and p["budget_lr"] > 0, "budget_lr must be a number > 0"),
+        (number(p["max_shift"]) and p["max_shift"] > 0, "max_shift must be a number > 0"),
+        (p["tie"] in ("matrix", "layer"), "tie must be matrix or layer"),
         (number(p["logit_lr"]) and p["logit_lr"] > 0, "logit_lr must be a number > 0"),
         (p["init"] in ("activation", "magnitude", "uniform"), "init must be activation, magnitude or uniform"),
         (p["init_scale"] in ("matrix", "global"), "init_scale must be matrix or global"),
@@ -259,14 +271,18 @@ def resolve_params(params: dict | None) -> dict:
 
 def allocate(pools: list[_alloc.MatrixPool], density: float, params: dict | None, seed: int, model_dir: str | None,
              rpca_files: Sequence[str], calib_ids: torch.Tensor | None, space: str = "cap",
-             device: str = "cpu") -> _alloc.Allocation:
+             device: str = "cpu", stats_files: Sequence[str] | None = None) -> _alloc.Allocation:
     """CAP Stage 2 over `space` ("cap" | "lowrank-only" | "sparse-only"): see the module docstring."""
-    return allocate_with_info(pools, density, params, seed, model_dir, rpca_files, calib_ids, space, device)[0]
+    return allocate_with_info(pools, density, params, seed, model_dir, rpca_files, calib_ids, space, device,
+                              stats_files)[0]
 
 
-def allocate_with_info(pools, density, params, seed, model_dir, rpca_files, calib_ids, space="cap", device="cpu"):
+def allocate_with_info(pools, density, params, seed, model_dir, rpca_files, calib_ids, space="cap", device="cpu",
+                       stats_files=None):
     """As `allocate`, plus a dict of what happened (steps, losses, baselines, expected density)."""
-    p = resolve_params(params)
+    p = resolve_params(params, space)
+    if p["policy"] == "budget":
+        return _allocate_budgets(pools, density, p, seed, model_dir, calib_ids, torch.device(device), stats_files)
     if not pools:
         raise GlrsError("CAP got no matrices: the RPCA files list no target matrix; rerun the decompose stage")
     budget = space_budget(pools, density, space)
@@ -367,4 +383,43 @@ def allocate_with_info(pools, density, params, seed, model_dir, rpca_files, cali
     info["achieved_density"] = kept / dense
     print(f"cap[{space}]: {steps} steps ({info['skipped_steps']} skipped), budget {budget}, kept {kept} "
           f"(density {kept / dense:.6f}, target {density})", file=sys.stderr)
+    return alloc, info
+
+
+def _allocate_budgets(pools, density, p, seed, model_dir, calib_ids, dev, stats_files):
+    """`policy: budget`: learn per-matrix budgets (glrs/cap/budget.py), then keep in each matrix its
+    top Stage-1 candidates worth its budget (half to components where it has any), so that the
+    allocation files keep their contract; the realisation reads only the per-matrix totals."""
+    from .. import stats
+    from .budget import learn_budgets
+
+    if not pools:
+        raise GlrsError("CAP got no matrices: the RPCA files list no target matrix; rerun the decompose stage")
+    budget = space_budget(pools, density, "cap")
+    if calib_ids is None or calib_ids.dim() != 2 or calib_ids.shape[1] < 2:
+        raise GlrsError("CAP's budget policy needs calibration ids [nsamples, seqlen >= 2]; run the calibrate stage")
+    if model_dir is None or not stats_files:
+        raise GlrsError("CAP's budget policy needs the prepared model (--model-dir) and the activations job's "
+                        "files (--stats)")
+    layers = sorted({q.layer for q in pools})
+    if len(stats_files) != len(layers):
+        raise GlrsError(f"CAP: {len(stats_files)} activation-statistics files for {len(layers)} layers")
+    H_of = dict(zip(layers, (stats.read_layer(f) for f in stats_files)))
+    H_diag = [torch.diagonal(H_of[q.layer][q.short]).float().clone() for q in pools]
+    budgets, info = learn_budgets([q.name for q in pools], [q.layer for q in pools], [q.shape for q in pools],
+                                  budget, p, seed, model_dir, calib_ids, H_diag, dev)
+    rank_keep, sparse_keep = {}, {}
+    for q, b in zip(pools, budgets):
+        r, k = _alloc._split_matrix_budget(q, b, 0.5)
+        rank_keep[q.name] = _alloc._prefix_mask(q.sigma.numel(), r)
+        sparse_keep[q.name] = _alloc._prefix_mask(q.s_abs.numel(), k)
+    alloc = _alloc.Allocation(rank_keep, sparse_keep)
+    dense = sum(q.dense for q in pools)
+    info |= {"space": "cap", "budget": budget, "params": p, "cap_version": CAP_VERSION,
+             "learned_budgets": dict(zip((q.name for q in pools), budgets))}
+    kept = alloc.params_kept(pools)
+    info["params_kept"], info["achieved_density"] = kept, kept / dense
+    print(f"cap[budget]: {info['steps']} steps, budget {budget}, kept {kept} (density {kept / dense:.6f}, "
+          f"target {density}); surrogate loss {info.get('surrogate_loss_uniform', float('nan')):.4f} at the uniform "
+          f"allocation -> {info.get('surrogate_loss_learned', float('nan')):.4f} learned", file=sys.stderr)
     return alloc, info

@@ -15,7 +15,7 @@ from glrs.cap import policy as cap_policy
 from glrs.errors import GlrsError
 
 RPCA_PARAMS = {"lambda_scale": 1.0, "tol": 1e-7, "max_iter": 500, "rho": 1.5, "mu_factor": 1.25, "dtype": "float64"}
-FAST = {"epochs": 1, "batch_size": 2}  # 3 steps over 6 calibration sequences
+FAST = {"epochs": 1, "batch_size": 2, "policy": "tied"}  # 3 steps over 6 calibration sequences (Bernoulli policies)
 
 
 # ---- fixtures -------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def downstream(p: glrs_plan.Plan) -> dict[str, set[str]]:
         "rpca": {"rpca_files"} | {f"alloc:{r.label}" for r in p.cap_runs},
         "calib": {"calib_file"} | {f"alloc:{r.label}" for r in p.cap_runs if r.allocator in allocate.NEEDS_CALIBRATION}
                  | {f"comp:{r.label}" for r in p.baseline_runs} | {"stats"},
-        "stats": {"stats_files"} | {f"alloc:{r.label}" for r in p.cap_runs if r.allocator in allocate.NEEDS_STATS}
+        "stats": {"stats_files"} | {f"alloc:{r.label}" for r in p.cap_runs if allocate.needs_stats(r.allocator, r.params)}
                  | {f"realise:{r.label}" for r in p.realised_runs},
         "zeroshot": {f"zs:{r.label}" for r in p.runs} | {"zs:dense"},
     }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 10's table from one GPU run: CAP v3 (realised allocations on two Stage-2 pools, uniform and OWL under
-# the same realisation), the paper as written, OATS at two rank ratios, SparseGPT and Wanda, side by side:
-#   benchmarks/gpu/cap3.sh MODEL.gguf SECONDS OUTDIR
+# Issue 10's table from one GPU run: CAP with its defaults (learned budgets, realised), the uniform and OWL
+# allocations under the same realisation, the paper as written, OATS at two rank ratios, SparseGPT and Wanda:
+#   benchmarks/gpu/cap-table.sh MODEL.gguf SECONDS OUTDIR
 # Resumable: a second call with the same arguments finishes what the first left. Stage overlays are in
 # benchmarks/gpu/stages; every process runs over config/comparison.yaml (128 x 512 calibration, whole
 # held-out text). Summaries are written once at the end (processes run with --nolock on disjoint outputs).
@@ -25,12 +25,11 @@ sm() {  # sm NAME SNAKEMAKE-OPTIONS... -- OVERLAYS...
         >>"$out/$name.log" 2>&1
     echo "$name: exit $? at $(( $(date +%s) - start )) s" | tee -a "$out/status.log"
 }
-TARGETS="activations calibrate" sm prep --cores 16 -- cap3-weights zs100
+TARGETS="activations calibrate" sm prep --cores 16 -- cap-default zs100
 o=(--omit-from summarize)
-sm w --cores 6 --resources gpu=8 "${o[@]}" -- cap3-weights zs100 &
-{ sm r --cores 4 --resources gpu=4 "${o[@]}" -- cap3 zs100; sm p --cores 3 --resources gpu=2 "${o[@]}" -- paper zs100; } &
-sm b --cores 3 --resources gpu=6 "${o[@]}" -- baselines3 zs100 &
-sm o --cores 3 --resources gpu=3 "${o[@]}" -- oats-0.1 zs100 &
+sm c --cores 8 --resources gpu=8 "${o[@]}" -- cap-default zs100 &
+{ sm b --cores 3 --resources gpu=3 "${o[@]}" -- baselines3 zs100; sm o --cores 3 --resources gpu=3 "${o[@]}" -- oats-0.1 zs100; } &
+sm p --cores 3 --resources gpu=3 "${o[@]}" -- paper zs100 &
 wait
 python3 -m glrs summarize --results results --out results/summary.csv
 python3 -m glrs summary results/summary.csv --wide --csv > "$out/summary.csv"
