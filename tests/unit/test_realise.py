@@ -97,3 +97,104 @@ def test_split_budget_and_settings_errors():
         realise.resolve_params({"mode": "magic"})
     with pytest.raises(GlrsError, match="unknown setting"):
         realise.resolve_params({"rank_fraction": 0.1})
+
+
+# ---- the fast decomposition and refit (REALISE_VERSION 2) ----------------------------------------
+
+def test_row_topk_mask_is_the_baselines_mask_including_ties():
+    from glrs.methods.base import row_topk_mask
+
+    g = torch.Generator().manual_seed(3)
+    for trial in range(12):
+        if trial % 3 == 0:  # many ties
+            x = torch.randint(0, 4, (29, 17), generator=g).double()
+        elif trial % 3 == 1:
+            x = torch.rand(29, 17, generator=g)
+        else:  # whole rows equal
+            x = torch.ones(29, 17, dtype=torch.float64)
+        for keep in (0, 3, 29, 30, 100, 29 * 17 - 5, 29 * 17):
+            assert torch.equal(realise.row_topk_mask(x, keep), row_topk_mask(x, keep)), (trial, keep)
+
+
+def test_godec_low_rank_step_is_the_best_rank_r():
+    """With no sparse part GoDec's low-rank step alone runs `iterations` times: the warm-started
+    subspace iteration must reach the Eckart-Young optimum of a matrix with a spectral gap."""
+    from glrs.methods.oats import best_rank_r
+
+    g = torch.Generator().manual_seed(4)
+    m, n, r = 120, 80, 6
+    A = (torch.randn(m, r, generator=g, dtype=torch.float64) * torch.linspace(3, 1, r, dtype=torch.float64)
+         @ torch.randn(r, n, generator=g, dtype=torch.float64) + 0.05 * torch.randn(m, n, generator=g, dtype=torch.float64))
+    P, B, mask = realise.godec(A, r, 0, iterations=10)
+    assert not mask.any() and P.shape == (m, r) and B.shape == (r, n)
+    Pe, Be = best_rank_r(A, r)
+    best = torch.linalg.norm(A - Pe @ Be)
+    assert torch.linalg.norm(A - P @ B) <= best * (1 + 1e-10)
+    torch.testing.assert_close(P @ B, Pe @ Be, rtol=0, atol=1e-9 * float(A.abs().max()))
+    # float32, as the realisation runs it
+    P32, B32, _ = realise.godec(A.float(), r, 0, iterations=10)
+    assert torch.linalg.norm(A - (P32 @ B32).double()) <= best * (1 + 1e-4)
+
+
+def test_godec_matches_the_oats_iteration_on_a_planted_matrix():
+    """Same fixed point as oats_decompose (full eigendecomposition per step): same objective to ~1e-3."""
+    from glrs.methods.oats import oats_decompose
+
+    W, H = _planted(m=96, n=128, rank=4, sparse=0.05)
+    d = H.diagonal().sqrt()
+    r, k = 4, int(0.2 * W.numel())
+    _, mask_ref, hist, _ = oats_decompose(W, d, r, k, 30, torch.float64, track=True)
+    Wd = W * d
+    P, B, mask = realise.godec(Wd, r, k, 30)
+    R = Wd - P @ B
+    obj = float(torch.linalg.norm(R * ~mask) / torch.linalg.norm(Wd))
+    assert obj == pytest.approx(hist[-1], rel=1e-3)
+    assert int(mask.sum()) == k == int(mask_ref.sum())
+
+
+def test_float32_refit_with_refinement_is_the_float64_solution():
+    W, H = _planted(m=40, n=96)
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(W.shape, generator=g) < 0.45
+    exact = realise.refit_sparse(W, mask, H, damp=0.01, refine=None)
+    for batch in (1 << 22, 5000):  # one batch, and several with padding to the batch's largest support
+        fast = realise.refit_sparse(W, mask, H, damp=0.01, max_elements=batch)
+        assert not fast[~mask].any()
+        torch.testing.assert_close(fast, exact, rtol=0, atol=1e-10 * float(exact.abs().max()))
+
+
+def test_realised_layer_bytes_do_not_depend_on_the_thread_count(tmp_path, monkeypatch):
+    """realise_layer pins its solver to SOLVER_THREADS: the same file with torch at 1 and at 2 threads,
+    on a matrix large enough (576 x 1536) for the BLAS to split its products."""
+    import hashlib
+    import json
+
+    from glrs import conditions, modelio, stats
+
+    g = torch.Generator().manual_seed(6)
+    W = (0.02 * torch.randn(576, 16, generator=g) @ torch.randn(16, 1536, generator=g)
+         + 0.02 * torch.randn(576, 1536, generator=g)).float()
+    X = torch.randn(2048, 1536, generator=g) * torch.logspace(-1, 1, 1536)
+    H = (X.T.double() @ X.double() / X.shape[0])
+    monkeypatch.setattr(modelio, "read_layer", lambda model_dir, layer: {"down": W})
+    monkeypatch.setattr(stats, "read_layer", lambda path: {"down": H})
+    alloc = tmp_path / "alloc.json"
+    alloc.write_text(json.dumps({"matrices": {modelio.weight_name(0, "down"): {"shape": [576, 1536], "rank": 20,
+                                                                                "nnz": 400000}}}))
+    digests = []
+    for threads in (1, 2):
+        out = tmp_path / f"layer_{threads}.safetensors"
+        with conditions.pinned_threads(threads):
+            realise.realise_layer("unused", "unused", str(alloc), 0, {"iterations": 3}, str(out))
+            assert torch.get_num_threads() == threads
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+
+
+def test_realised_matrix_without_a_low_rank_part():
+    W, H = _planted()
+    m, n = W.shape
+    f, rec = realise.realise_matrix(W, H, int(0.3 * m * n), realise.resolve_params({"rank_ratio": 0.0, "iterations": 3}))
+    assert rec["rank"] == 0 and f["U"].shape == (m, 0) and f["V"].shape == (n, 0)
+    assert rec["params"] == rec["nnz"] == int(0.3 * m * n)
+    assert rec["error"] == pytest.approx(realise.output_error(W, _compose(f, (m, n)), H), rel=1e-9)
