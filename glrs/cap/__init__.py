@@ -12,6 +12,17 @@ sparse weights refitted to the calibration inputs, because on SmolLM2 the kept R
 themselves lose ~8x more of a matrix's output than the realisation (0.120 against 0.0145 on four
 matrices of layer 12; README, "Where glrs departs from the papers"). `realise.mode: select` materialises the kept candidates (the paper).
 
+Policies (`allocator_params.cap.policy`). The package's parts: `budget.py` -- the default
+([departure]): REINFORCE over per-matrix budgets directly, the one quantity the realisation reads
+(see that module); `policy.py` -- the paper's per-candidate Bernoulli policy (`entry`) and the tied
+one (`tied`), with the budget projection and the final selection; `candidates.py` -- the Stage-1
+candidates those two act on and the model that composes W~ from a mask sample. Measured so far
+(H200, 128 x 512 calibration, 384 steps, budget_lr 0.05; README): the budget policy's surrogate
+loss on two calibration windows went 3.755 -> 3.633 at density 0.4 but 2.949 -> 3.029 at 0.5 and
+2.606 -> 2.721 at 0.6 against its uniform start, with |theta| ~0.3 on average: at that step size
+the estimator's noise, not the loss, moves most offsets. Not yet shown to beat the uniform
+allocation after realisation.
+
 Sources. The paper's own text is not reachable from this workplace. What is
 stated below as [paper] comes from two public secondary sources that read the
 full v3 text: a paper note (method equations, settings) and a source-grounded
