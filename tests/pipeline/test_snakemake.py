@@ -1,6 +1,7 @@
 """The whole workflow on a tiny random Llama: DAG shape, outputs, and the cache contract of DESIGN.md section 4."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import re
@@ -19,11 +20,19 @@ HEAVY = {"prepare_model", "decompose", "calibrate", "activations", "allocate", "
          "materialize_realised", "evaluate_ppl"}
 
 
+# The repository's default config, read once: every write_config of this module starts from the same
+# values, so an edit of config/config.yaml while the module runs cannot pass for a parameter change
+# (the revert test below would then see other RPCA parameters, hence other keys, than the first run).
+BASE_CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
 def write_config(workdir: Path, model: Path, **overrides) -> Path:
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg = copy.deepcopy(BASE_CONFIG)
     cfg.update(
         model=str(model), device="cpu", methods=["cap"], target_density=[0.5], allocators=["uniform"],
-        rpca=dict(cfg["rpca"], tol=1e-5, max_iter=200),
+        # These tests are about Stage 1 (one RPCA job per layer, its bytes, its keys): the real RPCA,
+        # whatever the default rpca.method is (none: the trivial split L = 0, S = W).
+        rpca=dict(BASE_CONFIG["rpca"], method="ialm", tol=1e-5, max_iter=200),
         calibration={"dataset": "pydoc", "nsamples": 4, "seqlen": 64},
         evaluation={"datasets": ["pydoc"], "seqlen": 128, "max_tokens": 1024,
                     "zeroshot": {"tasks": ["glrs_nextsent"], "limit": 5}},
@@ -132,6 +141,21 @@ def test_rpca_parameter_change_is_new_keys_and_revert_is_free(workdir, tiny_llam
     write_config(workdir, tiny_llama_dir, target_density=[0.3])
     # Back to the old parameters: every heavy stage is found again. Only the aggregates over the
     # current plan (summary table and plots, seconds) are redrawn, because their input set changed.
+    assert not set(planned_jobs(workdir)) & HEAVY
+
+
+def test_rpca_method_none_is_its_own_key_and_switching_back_is_free(workdir, tiny_llama_dir):
+    """The default rpca.method none writes its trivial split under its own key, next to the RPCA factors,
+    and the CAP run above it is complete; back to ialm, everything is found again."""
+    before = set((workdir / "results").glob("rpca/*/*/layer_*.safetensors"))
+    write_config(workdir, tiny_llama_dir, target_density=[0.3], rpca={"method": "none"})
+    jobs = planned_jobs(workdir)
+    assert jobs["decompose"] == 3 and "activations" not in jobs and "prepare_model" not in jobs
+    snakemake(workdir)
+    after = set((workdir / "results").glob("rpca/*/*/layer_*.safetensors"))
+    assert before < after and len(after) == len(before) + 3
+    assert not set(planned_jobs(workdir)) & HEAVY
+    write_config(workdir, tiny_llama_dir, target_density=[0.3])
     assert not set(planned_jobs(workdir)) & HEAVY
 
 

@@ -32,7 +32,7 @@ def _config(workdir: Path, model: Path) -> None:
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg.update(
         model=str(model), device="cpu", methods=["cap", "magnitude"], target_density=[0.5], allocators=["uniform"],
-        rpca=dict(cfg["rpca"], tol=1e-5, max_iter=200),
+        rpca=dict(cfg["rpca"], method="ialm", tol=1e-5, max_iter=200),  # the real RPCA (issue 13), not the default none
         calibration={"dataset": "pydoc", "nsamples": 2, "seqlen": 32},
         evaluation={"datasets": ["pydoc"], "seqlen": 64, "max_tokens": 128, "zeroshot": {"tasks": []}},
         plots={"spectra_layers": [0]},
