@@ -122,14 +122,14 @@ def _split_matrix_budget(pool: MatrixPool, budget: int, rank_fraction: float) ->
 def uniform(pools: list[MatrixPool], density: float, rank_fraction: float = 0.5, **_) -> Allocation:
     """Same density in every matrix; each matrix keeps its top components and largest entries."""
     budget_for(pools, density)
-    return _matrix_prefixes(pools, lambda p: density, rank_fraction)
+    return matrix_prefixes(pools, lambda p: int(density * p.dense), rank_fraction)
 
 
-def _matrix_prefixes(pools: list[MatrixPool], density_of, rank_fraction: float) -> Allocation:
-    """Each matrix keeps its top components and largest entries worth density_of(pool) of its size."""
+def matrix_prefixes(pools: list[MatrixPool], budget_of, rank_fraction: float) -> Allocation:
+    """Each matrix keeps its top components and largest entries worth budget_of(pool) parameters."""
     rank_keep, sparse_keep = {}, {}
     for p in pools:
-        r, k = _split_matrix_budget(p, int(density_of(p) * p.dense), rank_fraction)
+        r, k = _split_matrix_budget(p, budget_of(p), rank_fraction)
         rank_keep[p.name] = _prefix_mask(p.sigma.numel(), r)
         sparse_keep[p.name] = _prefix_mask(p.s_abs.numel(), k)
     return Allocation(rank_keep, sparse_keep)
@@ -164,7 +164,7 @@ def owl(pools: list[MatrixPool], density: float, model_dir: str, stats_files: li
         scores = torch.cat([(W[s].double().abs() * torch.diagonal(H[s]).clamp_min(0).sqrt()).reshape(-1) for s in W])
         shares.append(float((scores > outlier_ratio * scores.mean()).double().mean()))
     per_layer = dict(zip(layers, owl_layer_densities(shares, density, max_shift)))
-    return _matrix_prefixes(pools, lambda p: per_layer[p.layer], rank_fraction)
+    return matrix_prefixes(pools, lambda p: int(per_layer[p.layer] * p.dense), rank_fraction)
 
 
 def _global_top(values: list[torch.Tensor], costs: list[int], budget: int) -> list[int]:

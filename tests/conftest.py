@@ -48,6 +48,25 @@ def make_tiny_llama(out: Path, tokenizer_dir: Path, layers: int = 2, seed: int =
     return out
 
 
+def save_decomposed(model, model_dir: Path, rpca_params: dict) -> list[str]:
+    """Save a Hugging Face Llama as a glrs checkpoint (weights + manifest) and run the real Stage 1
+    on each of its layers; returns the per-layer RPCA files (beside model_dir)."""
+    from glrs import cas, modelio, pipeline
+
+    model.save_pretrained(model_dir)
+    layers = model.config.num_hidden_layers
+    manifest = {"spec": str(model_dir), "source_kind": "hf_dir", "source_key": "test", "model_type": "llama",
+                "num_layers": layers, "dtype": "float32", "targets": {},
+                "fingerprint": modelio.checkpoint_fingerprint(model_dir)}
+    cas.write_json_atomic(Path(model_dir) / modelio.MANIFEST, manifest)
+    files = []
+    for layer in range(layers):
+        out = Path(model_dir).parent / f"layer_{layer}.safetensors"
+        pipeline.decompose_layer(str(model_dir), layer, rpca_params, str(out), device="cpu")
+        files.append(str(out))
+    return files
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, real_tokenizer_dir) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), real_tokenizer_dir, layers=3)

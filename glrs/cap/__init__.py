@@ -419,15 +419,11 @@ def _allocate_budgets(pools, density, p, seed, model_dir, calib_ids, dev, stats_
     H_diag = [torch.diagonal(H_of[q.layer][q.short]).float().clone() for q in pools]
     budgets, info = learn_budgets([q.name for q in pools], [q.layer for q in pools], [q.shape for q in pools],
                                   budget, p, seed, model_dir, calib_ids, H_diag, dev)
-    rank_keep, sparse_keep = {}, {}
-    for q, b in zip(pools, budgets):
-        r, k = _alloc._split_matrix_budget(q, b, 0.5)
-        rank_keep[q.name] = _alloc._prefix_mask(q.sigma.numel(), r)
-        sparse_keep[q.name] = _alloc._prefix_mask(q.s_abs.numel(), k)
-    alloc = _alloc.Allocation(rank_keep, sparse_keep)
+    budget_of = dict(zip((q.name for q in pools), budgets))
+    alloc = _alloc.matrix_prefixes(pools, lambda q: budget_of[q.name], 0.5)
     dense = sum(q.dense for q in pools)
     info |= {"space": "cap", "budget": budget, "params": p, "cap_version": CAP_VERSION,
-             "learned_budgets": dict(zip((q.name for q in pools), budgets))}
+             "learned_budgets": budget_of}
     kept = alloc.params_kept(pools)
     info["params_kept"], info["achieved_density"] = kept, kept / dense
     print(f"cap[budget]: {info['steps']} steps, budget {budget}, kept {kept} (density {kept / dense:.6f}, "

@@ -32,10 +32,10 @@ import sys
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import GlrsError
+from .loss import calibration_loss
 
 
 def capped_split(total: int, weights: Sequence[float], caps: Sequence[int]) -> list[int]:
@@ -149,13 +149,7 @@ class PrunedSurrogate:
     def loss(self, ids: torch.Tensor, budgets: Sequence[int]) -> float:
         """Mean next-token cross-entropy of the batch with matrix j keeping budgets[j] entries."""
         self.keep = [int(round(b / W.shape[0])) for b, W in zip(budgets, self.weights)]
-        ids = ids.to(self.device, torch.long)
-        hidden = self.model.model(input_ids=ids, use_cache=False).last_hidden_state
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for b in range(ids.shape[0]):
-            logits = self.model.lm_head(hidden[b, :-1]).float()
-            total += F.cross_entropy(logits, ids[b, 1:], reduction="sum").double()
-        return float(total) / (ids.shape[0] * (ids.shape[1] - 1))
+        return calibration_loss(self.model, ids, self.device)
 
     def close(self) -> None:
         for h in self.handles:

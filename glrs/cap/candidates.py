@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 
 from .. import allocate as _alloc
 from ..errors import GlrsError
+from .loss import calibration_loss
 from .policy import MaskSample
 
 SPACES = ("cap", "lowrank-only", "sparse-only")
@@ -227,13 +227,7 @@ class _Engine:
         """Mean next-token cross-entropy of the batch; logits one sequence at a time."""
         self.sample = sample
         try:
-            ids = ids.to(self.device, torch.long)
-            hidden = self.model.model(input_ids=ids, use_cache=False).last_hidden_state
-            total = torch.zeros((), dtype=torch.float64, device=self.device)
-            for b in range(ids.shape[0]):
-                logits = self.model.lm_head(hidden[b, :-1]).float()
-                total += F.cross_entropy(logits, ids[b, 1:], reduction="sum").double()
-            return float(total) / (ids.shape[0] * (ids.shape[1] - 1))
+            return calibration_loss(self.model, ids, self.device)
         finally:
             self.sample = None
 

@@ -9,10 +9,12 @@ import math
 import pytest
 import torch
 
-from glrs import allocate, cap, cas, modelio, pipeline
+from glrs import allocate, cap
 from glrs.cap import candidates as cap_candidates
 from glrs.cap import policy as cap_policy
 from glrs.errors import GlrsError
+
+from conftest import save_decomposed
 
 RPCA_PARAMS = {"lambda_scale": 1.0, "tol": 1e-7, "max_iter": 500, "rho": 1.5, "mu_factor": 1.25, "dtype": "float64"}
 FAST = {"epochs": 1, "batch_size": 2, "policy": "tied"}  # 3 steps over 6 calibration sequences (Bernoulli policies)
@@ -30,16 +32,7 @@ def tiny(tmp_path_factory):
     cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(model_dir)
-    manifest = {"spec": str(model_dir), "source_kind": "hf_dir", "source_key": "test", "model_type": "llama",
-                "num_layers": 2, "dtype": "float32", "targets": {},
-                "fingerprint": modelio.checkpoint_fingerprint(model_dir)}
-    cas.write_json_atomic(model_dir / modelio.MANIFEST, manifest)
-    files = []
-    for layer in range(2):
-        out = root / f"layer_{layer}.safetensors"
-        pipeline.decompose_layer(str(model_dir), layer, RPCA_PARAMS, str(out), device="cpu")
-        files.append(str(out))
+    files = save_decomposed(LlamaForCausalLM(cfg), model_dir, RPCA_PARAMS)
     pools = allocate.load_pools(files)
     ids = torch.randint(0, 96, (6, 24), generator=torch.Generator().manual_seed(1))
     return {"model_dir": str(model_dir), "files": files, "pools": pools, "ids": ids,

@@ -8,8 +8,10 @@ import math
 import pytest
 import torch
 
-from glrs import allocate, cap, cas, modelio, pipeline, stats
+from glrs import allocate, cap, stats
 from glrs.cap import budget as cap_budget
+
+from conftest import save_decomposed
 
 RPCA_PARAMS = {"method": "ialm", "lambda_scale": 1.0, "tol": 1e-6, "max_iter": 200, "rho": 1.5, "mu_factor": 1.25,
                "dtype": "float64"}
@@ -80,16 +82,7 @@ def planted(tmp_path_factory):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.save_pretrained(model_dir)
-    manifest = {"spec": str(model_dir), "source_kind": "hf_dir", "source_key": "test", "model_type": "llama",
-                "num_layers": 2, "dtype": "float32", "targets": {},
-                "fingerprint": modelio.checkpoint_fingerprint(model_dir)}
-    cas.write_json_atomic(model_dir / modelio.MANIFEST, manifest)
-    files = []
-    for layer in range(2):
-        out = root / f"layer_{layer}.safetensors"
-        pipeline.decompose_layer(str(model_dir), layer, RPCA_PARAMS, str(out), device="cpu")
-        files.append(str(out))
+    files = save_decomposed(model, model_dir, RPCA_PARAMS)
     ids = batch(16)
     stats.collect(str(model_dir), ids, [0, 1], str(root / "stats"))
     return {"model_dir": str(model_dir), "files": files, "pools": allocate.load_pools(files), "ids": ids,
