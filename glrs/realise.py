@@ -68,28 +68,13 @@ def matrix_budgets(alloc_info: dict) -> dict[str, int]:
     """Weight name -> parameters the realisation spends on it: what Stage 2 kept in that matrix
     (rank * (m + n) + nnz), capped at its dense size; what the cap removes goes to the other
     matrices in proportion to their budgets, so the total is exactly the allocation's."""
-    from .methods.base import split_count
+    from .methods.base import capped_split
 
     mats = alloc_info["matrices"]
-    want = {name: m["rank"] * sum(m["shape"]) + m["nnz"] for name, m in mats.items()}
-    cap = {name: m["shape"][0] * m["shape"][1] for name, m in mats.items()}
-    total = min(sum(want.values()), sum(cap.values()))
-    out: dict[str, int] = {}
-    free = dict(want)
-    left = total
-    while free:
-        scale = left / max(sum(free.values()), 1)
-        over = {n for n, b in free.items() if b * scale >= cap[n]}
-        if not over:
-            break
-        for n in over:
-            out[n] = cap[n]
-            left -= cap[n]
-            del free[n]
-    names = sorted(free)
-    for n, part in zip(names, split_count(left, [free[n] for n in names])):  # adds up to `left` exactly
-        out[n] = min(cap[n], part)
-    return out
+    names = sorted(mats)
+    want = [mats[n]["rank"] * sum(mats[n]["shape"]) + mats[n]["nnz"] for n in names]
+    cap = [mats[n]["shape"][0] * mats[n]["shape"][1] for n in names]
+    return dict(zip(names, capped_split(sum(want), want, cap)))
 
 
 def split_budget(shape: tuple[int, int], budget: int, rank_ratio: float) -> tuple[int, int]:

@@ -35,33 +35,8 @@ import torch
 from tqdm import tqdm
 
 from ..errors import GlrsError
+from ..methods.base import capped_split
 from .loss import calibration_loss
-
-
-def capped_split(total: int, weights: Sequence[float], caps: Sequence[int]) -> list[int]:
-    """Integers in proportion to `weights`, each at most its cap, adding up to min(total, sum caps):
-    what a capped part cannot take goes to the others in proportion to their weights."""
-    from ..methods.base import split_count
-
-    total = min(int(total), sum(int(c) for c in caps))
-    out: dict[int, int] = {}
-    free = {i: float(w) for i, w in enumerate(weights)}
-    left = total
-    while free:
-        scale = left / max(sum(free.values()), 1e-300)
-        over = [i for i, w in free.items() if w * scale >= caps[i]]
-        if not over:
-            break
-        for i in over:
-            out[i] = int(caps[i])
-            left -= int(caps[i])
-            del free[i]
-    idx = sorted(free)
-    # split_count takes integer sizes: weights in units fine enough that rounding is far below one parameter
-    scale = 2**40 / max(sum(free.values()), 1e-300) if free else 0.0
-    for i, part in zip(idx, split_count(left, [max(1, int(free[i] * scale)) for i in idx])):
-        out[i] = min(int(caps[i]), part)
-    return [out[i] for i in range(len(caps))]
 
 
 def _seed(*parts) -> int:

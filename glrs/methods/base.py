@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -366,6 +366,35 @@ def split_count(total: int, sizes: list[int]) -> list[int]:
         out.append(nxt - prev)
         prev = nxt
     return out
+
+
+def capped_split(total: int, weights: Sequence[float], caps: Sequence[int]) -> list[int]:
+    """Integers in proportion to `weights`, each at most its cap, adding up to min(total, sum caps):
+    what a capped part cannot take goes to the others in proportion to their weights. Integer
+    weights are split exactly by split_count (cumulative rounding in the given order); real ones
+    are first put on an integer grid fine enough that its rounding is far below one unit."""
+    total = min(int(total), sum(int(c) for c in caps))
+    out: dict[int, int] = {}
+    free = dict(enumerate(weights))
+    left = total
+    while free:
+        mass = sum(free.values())
+        scale = left / mass if mass > 0 else 0.0
+        over = [i for i, w in free.items() if w * scale >= caps[i]]
+        if not over:
+            break
+        for i in over:
+            out[i] = int(caps[i])
+            left -= int(caps[i])
+            del free[i]
+    idx = sorted(free)
+    sizes = [free[i] for i in idx]
+    if not all(isinstance(w, int) for w in sizes):
+        grid = 2**40 / max(sum(sizes), 1e-300)
+        sizes = [max(1, int(w * grid)) for w in sizes]
+    for i, part in zip(idx, split_count(left, sizes)):  # adds up to `left` exactly
+        out[i] = min(int(caps[i]), part)
+    return [out[i] for i in range(len(caps))]
 
 
 def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:

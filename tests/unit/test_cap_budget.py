@@ -10,6 +10,7 @@ import torch
 
 from glrs import allocate, cap, stats
 from glrs.cap import budget as cap_budget
+from glrs.methods.base import capped_split
 
 from conftest import save_decomposed
 
@@ -18,11 +19,11 @@ RPCA_PARAMS = {"method": "ialm", "lambda_scale": 1.0, "tol": 1e-6, "max_iter": 2
 
 
 def test_capped_split_is_exact_proportional_and_capped():
-    out = cap_budget.capped_split(1000, [1.0, 1.0, 2.0], [1000, 1000, 1000])
+    out = capped_split(1000, [1.0, 1.0, 2.0], [1000, 1000, 1000])
     assert sum(out) == 1000 and out == [250, 250, 500]
-    out = cap_budget.capped_split(1000, [1.0, 1.0, 20.0], [400, 400, 300])
+    out = capped_split(1000, [1.0, 1.0, 20.0], [400, 400, 300])
     assert sum(out) == 1000 and out[2] == 300 and out[0] == out[1] == 350
-    assert sum(cap_budget.capped_split(5000, [1.0, 1.0], [100, 200])) == 300  # more than fits: every cap
+    assert sum(capped_split(5000, [1.0, 1.0], [100, 200])) == 300  # more than fits: every cap
 
 
 def test_budget_policy_starts_uniform_and_is_deterministic():
