@@ -26,7 +26,6 @@ realisation itself is too slow to run per sample.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import sys
 from typing import Sequence
@@ -37,10 +36,7 @@ from tqdm import tqdm
 from ..errors import GlrsError
 from ..methods.base import capped_split
 from .loss import calibration_loss
-
-
-def _seed(*parts) -> int:
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
+from .policy import _stream_seed
 
 
 class BudgetPolicy:
@@ -63,7 +59,7 @@ class BudgetPolicy:
         return capped_split(self.budget, w, self.dense)
 
     def noise(self, step: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(_seed(self.seed, "budget", step))
+        gen = torch.Generator().manual_seed(_stream_seed(self.seed, "budget", step))
         return torch.randn(self.theta.shape, generator=gen, dtype=torch.float64)
 
     def step(self, loss_of) -> tuple[float, float]:
