@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Seconds per CAP Stage-2 step (issue 11), the default budget policy, on a prepared model.
 
-A step is one mirrored pair: two forward passes of one calibration window through the model whose
-target matrices keep their top Wanda scores at the sampled budgets (glrs/cap/budget.py). Runs
+A step is `pairs_per_step` mirrored pairs (default 4), each two forward passes of one calibration
+window through the model whose target matrices keep their top Wanda scores at the sampled budgets
+(glrs/cap/budget.py); the record also gives seconds per forward pass. Runs
 `glrs.cap.budget.learn_budgets` for --steps steps on --device and records wall seconds per step
 (the model load and the surrogate's set-up excluded: timed separately). One record per device is
 kept in --out (default results/benchmarks/cap_step.json); a rerun on a device replaces its record.
@@ -35,7 +36,7 @@ def main() -> None:
     ap.add_argument("--stats-dir", required=True)
     ap.add_argument("--calib", required=True)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--out", default=str(REPO / "results" / "benchmarks" / "cap_step.json"))
     a = ap.parse_args()
@@ -54,7 +55,7 @@ def main() -> None:
                 shapes.append(tuple(f.get_slice(name).get_shape()))
     calib = pipeline.load_calibration(a.calib)[:, : a.seqlen]
     budget = round(0.5 * sum(m * n for m, n in shapes))
-    params = resolve_params({"max_steps": a.steps, "epochs": 1})
+    params = resolve_params({"max_steps": a.steps, "epochs": a.steps})
     t0 = time.perf_counter()
     _, info0 = cap_budget.learn_budgets(names, lay, shapes, budget, params | {"max_steps": 1}, 0, a.model_dir, calib, Hd,
                                         torch.device(a.device))
@@ -65,8 +66,10 @@ def main() -> None:
     total = time.perf_counter() - t0
     per_step = (total - one) / (a.steps - 1)  # set-up (load, ranks, two probe losses) cancels
     device = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    rec = {"device": device, "policy": "budget", "tokens_per_forward": int(calib.shape[1]), "forwards_per_step": 2,
-           "steps": a.steps, "seconds_per_step": round(per_step, 3), "seconds_total": round(total, 2),
+    forwards = 2 * params["pairs_per_step"]
+    rec = {"device": device, "policy": "budget", "tokens_per_forward": int(calib.shape[1]),
+           "forwards_per_step": forwards, "steps": a.steps, "seconds_per_step": round(per_step, 3),
+           "seconds_per_forward": round(per_step / forwards, 3), "seconds_total": round(total, 2),
            "torch": torch.__version__}
     out = Path(a.out)
     records = json.loads(out.read_text())["records"] if out.exists() else []

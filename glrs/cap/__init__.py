@@ -196,7 +196,7 @@ from .candidates import (_Engine, _Matrix, _load_model, _read_factors, activatio
                          build_blocks, space_budget)
 from .policy import BernoulliPolicy, TiedPolicy
 
-CAP_VERSION = 3
+CAP_VERSION = 4
 
 
 # Config `allocator_params.<cap|lowrank-only|sparse-only>`: every key, its default and meaning.
@@ -206,7 +206,8 @@ ALLOC_PARAMS_DEFAULTS: dict = {
     "sigma": 0.2,              # policy budget: std of a sample's log-budget perturbation
     "budget_lr": 0.05,         # policy budget: step of theta per normalised advantage (log-budget units)
     "max_shift": 0.7,          # policy budget: |theta| <= max_shift (a matrix keeps 1/2..2x the uniform budget)
-    "tie": "matrix",           # policy budget: one offset per matrix | per decoder layer
+    "tie": "layer+type",       # policy budget: offset = its layer's + its kind's (q..down) | one per matrix | per layer
+    "pairs_per_step": 4,       # policy budget: mirrored pairs per step, each on its own calibration batch
     "lr": 0.05,                # [paper] policy entry: step size of s <- s - lr (L - delta) grad log p
     "logit_lr": 0.1,           # policy tied: step size of the per-block logit offsets theta
     "epochs": 3,               # [paper "three iterations"] passes over the calibration sequences; 0 = init only
@@ -259,7 +260,8 @@ def resolve_params(params: dict | None, space: str = "cap") -> dict:
         (number(p["sigma"]) and p["sigma"] > 0, "sigma must be a number > 0"),
         (number(p["budget_lr"]) and p["budget_lr"] > 0, "budget_lr must be a number > 0"),
         (number(p["max_shift"]) and p["max_shift"] > 0, "max_shift must be a number > 0"),
-        (p["tie"] in ("matrix", "layer"), "tie must be matrix or layer"),
+        (p["tie"] in ("matrix", "layer", "layer+type"), "tie must be matrix, layer or layer+type"),
+        (_is_int(p["pairs_per_step"], 1), "pairs_per_step must be an integer >= 1"),
         (number(p["logit_lr"]) and p["logit_lr"] > 0, "logit_lr must be a number > 0"),
         (p["init"] in ("activation", "magnitude", "uniform"), "init must be activation, magnitude or uniform"),
         (p["init_scale"] in ("matrix", "global"), "init_scale must be matrix or global"),
@@ -273,7 +275,7 @@ def resolve_params(params: dict | None, space: str = "cap") -> dict:
     for ok, msg in checks:
         if not ok:
             raise GlrsError(f"allocator_params for CAP: {msg} (got {params})")
-    for k in ("epochs", "batch_size", "samples_per_step", "baseline_window", "sparse_group_size", "max_steps"):
+    for k in ("epochs", "batch_size", "samples_per_step", "pairs_per_step", "baseline_window", "sparse_group_size", "max_steps"):
         p[k] = int(p[k])
     return p
 

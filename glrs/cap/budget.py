@@ -42,40 +42,52 @@ from .policy import _stream_seed
 class BudgetPolicy:
     """Per-matrix log-budget offsets under one global budget (see the module docstring)."""
 
-    def __init__(self, dense: Sequence[int], groups: Sequence[int], budget: int, *, seed: int, sigma: float,
-                 lr: float, max_shift: float):
+    def __init__(self, dense: Sequence[int], terms: Sequence[Sequence[int]], budget: int, *, seed: int,
+                 sigma: float, lr: float, max_shift: float):
         self.dense = [int(d) for d in dense]
-        self.groups = torch.tensor(list(groups), dtype=torch.long)  # matrix -> variable
+        self.terms = [list(t) for t in terms]  # matrix j's offset = sum of the variables terms[j]
+        nvar = 1 + max((v for t in self.terms for v in t), default=-1)
         self.budget, self.seed = int(budget), int(seed)
         self.sigma, self.lr, self.max_shift = float(sigma), float(lr), float(max_shift)
-        self.theta = torch.zeros(int(self.groups.max()) + 1 if len(self.groups) else 0, dtype=torch.float64)
+        self.theta = torch.zeros(nvar, dtype=torch.float64)
         self.adv_sq: float | None = None
         self.t = 0
 
-    def budgets(self, offsets: torch.Tensor | None = None) -> list[int]:
-        """Per-matrix budgets at theta (+ a perturbation of theta), exactly `budget` in all."""
-        th = self.theta if offsets is None else self.theta + offsets
-        w = [d * math.exp(float(th[g])) for d, g in zip(self.dense, self.groups.tolist())]
+    def offsets(self, theta: torch.Tensor) -> list[float]:
+        """Per-matrix log-budget offsets of the variables theta."""
+        th = theta.tolist()
+        return [sum(th[v] for v in t) for t in self.terms]
+
+    def budgets(self, perturbation: torch.Tensor | None = None, scale: float = 1.0) -> list[int]:
+        """Per-matrix budgets at scale * theta (+ a perturbation), exactly `budget` in all."""
+        th = scale * self.theta if perturbation is None else scale * self.theta + perturbation
+        w = [d * math.exp(o) for d, o in zip(self.dense, self.offsets(th))]
         return capped_split(self.budget, w, self.dense)
 
-    def noise(self, step: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(_stream_seed(self.seed, "budget", step))
+    def noise(self, step: int, pair: int = 0) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(_stream_seed(self.seed, "budget", step, pair))
         return torch.randn(self.theta.shape, generator=gen, dtype=torch.float64)
 
-    def step(self, loss_of) -> tuple[float, float]:
-        """One mirrored pair: loss_of(budgets) at theta +- sigma eps; returns (L+, L-)."""
-        eps = self.noise(self.t)
+    def step(self, losses_of: Sequence) -> list[tuple[float, float]]:
+        """One step from len(losses_of) mirrored pairs, pair k scored by losses_of[k](budgets) (each on
+        its own calibration batch); returns their (L+, L-). Non-finite pairs are left out."""
+        grad, used, out = torch.zeros_like(self.theta), 0, []
+        for k, loss_of in enumerate(losses_of):
+            eps = self.noise(self.t, k)
+            lp = float(loss_of(self.budgets(self.sigma * eps)))
+            lm = float(loss_of(self.budgets(-self.sigma * eps)))
+            out.append((lp, lm))
+            if not (math.isfinite(lp) and math.isfinite(lm)):
+                continue
+            a = (lp - lm) / (2 * self.sigma)
+            self.adv_sq = a * a if self.adv_sq is None else 0.9 * self.adv_sq + 0.1 * a * a
+            grad += a * eps
+            used += 1
         self.t += 1
-        lp = float(loss_of(self.budgets(self.sigma * eps)))
-        lm = float(loss_of(self.budgets(-self.sigma * eps)))
-        if not (math.isfinite(lp) and math.isfinite(lm)):
-            return lp, lm
-        a = (lp - lm) / (2 * self.sigma)
-        self.adv_sq = a * a if self.adv_sq is None else 0.9 * self.adv_sq + 0.1 * a * a
-        if self.adv_sq > 0:
-            self.theta -= self.lr * (a / math.sqrt(self.adv_sq)) * eps
+        if used and self.adv_sq:
+            self.theta -= self.lr * grad / (used * math.sqrt(self.adv_sq))
             self.theta.clamp_(-self.max_shift, self.max_shift)
-        return lp, lm
+        return out
 
 
 class PrunedSurrogate:
@@ -127,6 +139,18 @@ class PrunedSurrogate:
             h.remove()
 
 
+def budget_terms(names: Sequence[str], layers: Sequence[int], tie: str) -> list[list[int]]:
+    """Which variables make up each matrix's log-budget offset: its own (`matrix`), its decoder layer's
+    (`layer`), or its layer's plus its kind's (`layer+type`: q, k, ..., down; 30 + 7 variables here)."""
+    layer_var = {layer: i for i, layer in enumerate(sorted(set(layers)))}
+    if tie == "matrix":
+        return [[j] for j in range(len(names))]
+    if tie == "layer":
+        return [[layer_var[layer]] for layer in layers]
+    kinds = sorted({n.rsplit(".", 2)[-2] for n in names})
+    return [[layer_var[layer], len(layer_var) + kinds.index(n.rsplit(".", 2)[-2])] for n, layer in zip(names, layers)]
+
+
 def learn_budgets(names: Sequence[str], layers: Sequence[int], shapes: Sequence[tuple[int, int]], budget: int,
                   params: dict, seed: int, model_dir: str, calib_ids: torch.Tensor, H_diag: Sequence[torch.Tensor],
                   device: torch.device) -> tuple[list[int], dict]:
@@ -134,15 +158,10 @@ def learn_budgets(names: Sequence[str], layers: Sequence[int], shapes: Sequence[
     from transformers import AutoModelForCausalLM
 
     dense = [m * n for m, n in shapes]
-    if params["tie"] == "layer":
-        ids_of = {layer: i for i, layer in enumerate(sorted(set(layers)))}
-        groups = [ids_of[layer] for layer in layers]
-    else:
-        groups = list(range(len(names)))
-    policy = BudgetPolicy(dense, groups, budget, seed=seed, sigma=params["sigma"], lr=params["budget_lr"],
-                          max_shift=params["max_shift"])
-    nseq = int(calib_ids.shape[0])
-    steps = params["epochs"] * math.ceil(nseq / params["batch_size"])
+    policy = BudgetPolicy(dense, budget_terms(names, layers, params["tie"]), budget, seed=seed,
+                          sigma=params["sigma"], lr=params["budget_lr"], max_shift=params["max_shift"])
+    nseq, pairs = int(calib_ids.shape[0]), params["pairs_per_step"]
+    steps = params["epochs"] * math.ceil(nseq / (params["batch_size"] * pairs))
     if params["max_steps"]:
         steps = min(steps, params["max_steps"])
     info: dict = {"policy": "budget", "steps": steps, "losses": [], "skipped_steps": 0}
@@ -170,11 +189,12 @@ def learn_budgets(names: Sequence[str], layers: Sequence[int], shapes: Sequence[
         info["surrogate_loss_uniform"] = engine.loss(probe, policy.budgets())
         bar = tqdm(total=steps, desc="cap[budget]", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
         for t in range(steps):
-            ids = calib_ids[batches[t]]
-            lp, lm = policy.step(lambda b: engine.loss(ids, b))
-            info["losses"].append([lp, lm])
-            info["skipped_steps"] += int(not (math.isfinite(lp) and math.isfinite(lm)))
-            bar.set_postfix(loss=f"{(lp + lm) / 2:.4f}", spread=f"{float(policy.theta.abs().max()):.3f}", refresh=False)
+            step_batches = [batches[(t * pairs + k) % len(batches)] for k in range(pairs)]
+            res = policy.step([lambda b, ids=calib_ids[i]: engine.loss(ids, b) for i in step_batches])
+            info["losses"].append([list(r) for r in res])
+            info["skipped_steps"] += int(not all(math.isfinite(x) for r in res for x in r))
+            mean = sum(x for r in res for x in r) / (2 * len(res))
+            bar.set_postfix(loss=f"{mean:.4f}", spread=f"{float(policy.theta.abs().max()):.3f}", refresh=False)
             bar.update(1)
         bar.close()
         info["surrogate_loss_learned"] = engine.loss(probe, policy.budgets())
