@@ -56,15 +56,18 @@ def main() -> None:
     calib = pipeline.load_calibration(a.calib)[:, : a.seqlen]
     budget = round(0.5 * sum(m * n for m, n in shapes))
     params = resolve_params({"max_steps": a.steps, "epochs": a.steps})
-    t0 = time.perf_counter()
-    _, info0 = cap_budget.learn_budgets(names, lay, shapes, budget, params | {"max_steps": 1}, 0, a.model_dir, calib, Hd,
-                                        torch.device(a.device))
-    one = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    _, info = cap_budget.learn_budgets(names, lay, shapes, budget, params, 0, a.model_dir, calib, Hd,
-                                       torch.device(a.device))
-    total = time.perf_counter() - t0
-    per_step = (total - one) / (a.steps - 1)  # set-up (load, ranks, two probe losses) cancels
+    dev = torch.device(a.device)
+
+    def timed(steps: int) -> float:
+        t0 = time.perf_counter()
+        cap_budget.learn_budgets(names, lay, shapes, budget, params | {"max_steps": steps}, 0, a.model_dir, calib, Hd, dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    timed(1)  # warm-up: first CUDA kernels, file cache
+    short, total = timed(1), timed(1 + a.steps)
+    per_step = (total - short) / a.steps  # set-up (load, ranks, two probe losses) cancels
     device = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     forwards = 2 * params["pairs_per_step"]
     rec = {"device": device, "policy": "budget", "tokens_per_forward": int(calib.shape[1]),

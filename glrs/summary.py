@@ -76,6 +76,21 @@ def _record_columns(rec: dict) -> dict:
     return cols | {"zeroshot_limit": "all" if rec.get("limit") is None else rec["limit"]}
 
 
+def _params_variant(rec: dict) -> str:
+    """A baseline's settings that differ from its defaults ("rank_ratio=0.1"), so that two runs of one
+    method at one density tell themselves apart in the table."""
+    params = rec.get("method_params") or {}
+    if not params or rec.get("method") in (None, "", "dense"):
+        return ""
+    from .methods import method_defaults
+
+    try:
+        defaults = method_defaults(rec["method"])
+    except Exception:  # a method this install does not know: show every setting
+        defaults = {}
+    return " ".join(f"{k}={v}" for k, v in sorted(params.items()) if defaults.get(k) != v)
+
+
 def collect_rows(results: str | Path = "results") -> list[dict]:
     """One row per evaluated model and evaluation protocol. Records of one model that agree on every
     column they share join one row; a record that would overwrite a value measured under another
@@ -92,7 +107,8 @@ def collect_rows(results: str | Path = "results") -> list[dict]:
             if all(row.get(k, v) == v for k, v in cols.items()):
                 break
         else:
-            row = {c: rec.get(c, "") for c in ID_COLUMNS} | {"_rec": rec}
+            row = {c: rec.get(c, "") for c in ID_COLUMNS} | {"variant": rec.get("variant") or _params_variant(rec),
+                                                              "_rec": rec}
             group.append(row)
         row.update(cols)
         row.setdefault("_evals", []).append(_eval_bench(path))
