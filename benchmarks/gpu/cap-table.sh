@@ -6,6 +6,9 @@
 # Resumable: a second call with the same arguments finishes what the first left (results/ stays on a warm
 # machine). Stage overlays are in benchmarks/gpu/stages; every process runs over config/comparison.yaml
 # (128 x 512 calibration, whole held-out text). Summaries are written at the end of every call.
+# OUTDIR gets ~14 files; the device tool returns at most 8, so give a folder outside $OUT and tar it into
+# $OUT (as run on 2026-12-03: ... /tmp/t3 > /tmp/t3run.log; tar czf $OUT/t3.tgz /tmp/t3 /tmp/t3run.log).
+# That run: 4 calls (setup, then 570 + 555 + 330 s of this script) for the whole table.
 #
 # Why the phases: on 2026-12-03 ~20 processes shared the one GPU (each its own CUDA context, time-sliced):
 # a zero-shot evaluation took 440 s instead of ~20 s and nothing finished inside two calls. So the GPU sees
