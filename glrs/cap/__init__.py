@@ -205,6 +205,8 @@ ALLOC_PARAMS_DEFAULTS: dict = {
     "max_shift": 0.7,          # policy budget: |theta| <= max_shift (a matrix keeps 1/2..2x the uniform budget)
     "tie": "layer+type",       # policy budget: offset = its layer's + its kind's (q..down) | one per matrix | per layer
     "pairs_per_step": 4,       # policy budget: mirrored pairs per step, each on its own calibration batch
+    "offset_scale": 1.0,       # policy budget: the learned offsets are multiplied by this for the final budgets
+                               # (< 1 pulls the allocation towards uniform; README "Measured results")
     "lr": 0.05,                # [paper] policy entry: step size of s <- s - lr (L - delta) grad log p
     "logit_lr": 0.1,           # policy tied: step size of the per-block logit offsets theta
     "epochs": 3,               # [paper "three iterations"] passes over the calibration sequences; 0 = init only
@@ -259,6 +261,7 @@ def resolve_params(params: dict | None, space: str = "cap") -> dict:
         (number(p["max_shift"]) and p["max_shift"] > 0, "max_shift must be a number > 0"),
         (p["tie"] in ("matrix", "layer", "layer+type"), "tie must be matrix, layer or layer+type"),
         (_is_int(p["pairs_per_step"], 1), "pairs_per_step must be an integer >= 1"),
+        (number(p["offset_scale"]) and p["offset_scale"] >= 0, "offset_scale must be a number >= 0"),
         (number(p["logit_lr"]) and p["logit_lr"] > 0, "logit_lr must be a number > 0"),
         (p["init"] in ("activation", "magnitude", "uniform"), "init must be activation, magnitude or uniform"),
         (p["init_scale"] in ("matrix", "global"), "init_scale must be matrix or global"),

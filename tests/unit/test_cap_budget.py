@@ -67,6 +67,9 @@ def test_layer_plus_type_offsets_share_a_layer_and_a_kind():
     pol.theta[3] = math.log(2.0)  # q_proj twice the weight of down_proj in both layers
     b = pol.budgets()
     assert sum(b) == 2000 and b[0] == b[2] and b[1] == b[3] and abs(b[0] / b[1] - 2.0) < 1e-2
+    half = pol.budgets(scale=0.5)  # offset_scale: half the log-offset, sqrt of the ratio
+    assert sum(half) == 2000 and abs(half[0] / half[1] - 2.0 ** 0.5) < 1e-2
+    assert pol.budgets(scale=0.0) == [500] * 4  # offset_scale 0: the uniform allocation
 
 
 @pytest.fixture(scope="module")

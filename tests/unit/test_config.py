@@ -43,3 +43,13 @@ def test_unknown_allocator_lists_the_choices(default):
 def test_single_value_means_a_list_of_one(default):
     cfg = copy.deepcopy(default) | {"target_density": 0.4}
     assert config.validate(cfg)["target_density"] == [0.4]
+
+
+def test_every_cap_setting_with_its_default_passes_the_schema(default):
+    """The schema lists CAP's settings by hand: each one glrs.cap knows, at its default, must validate
+    (the budget policy's settings were once missing, so `policy: budget` in a config was refused)."""
+    from glrs import cap
+
+    cfg = copy.deepcopy(default)
+    cfg["allocator_params"]["cap"] = dict(cap.ALLOC_PARAMS_DEFAULTS)
+    config.validate(cfg)
