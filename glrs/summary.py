@@ -82,11 +82,12 @@ def _params_variant(rec: dict) -> str:
     params = rec.get("method_params") or {}
     if not params or rec.get("method") in (None, "", "dense"):
         return ""
+    from .errors import GlrsError
     from .methods import method_defaults
 
     try:
         defaults = method_defaults(rec["method"])
-    except Exception:  # a method this install does not know: show every setting
+    except GlrsError:  # a method this install does not know: show every setting
         defaults = {}
     return " ".join(f"{k}={v}" for k, v in sorted(params.items()) if defaults.get(k) != v)
 

@@ -161,8 +161,9 @@ def budget_terms(names: Sequence[str], layers: Sequence[int], tie: str) -> list[
         return [[j] for j in range(len(names))]
     if tie == "layer":
         return [[layer_var[layer]] for layer in layers]
-    kinds = sorted({n.rsplit(".", 2)[-2] for n in names})
-    return [[layer_var[layer], len(layer_var) + kinds.index(n.rsplit(".", 2)[-2])] for n, layer in zip(names, layers)]
+    kind_of = [n.rsplit(".", 2)[-2] for n in names]  # model.layers.3.self_attn.q_proj.weight -> q_proj
+    kind_var = {kind: len(layer_var) + i for i, kind in enumerate(sorted(set(kind_of)))}
+    return [[layer_var[layer], kind_var[kind]] for kind, layer in zip(kind_of, layers)]
 
 
 def learn_budgets(names: Sequence[str], layers: Sequence[int], shapes: Sequence[tuple[int, int]], budget: int,
@@ -211,8 +212,9 @@ def learn_budgets(names: Sequence[str], layers: Sequence[int], shapes: Sequence[
             bar.set_postfix(loss=f"{mean:.4f}", spread=f"{float(policy.theta.abs().max()):.3f}", refresh=False)
             bar.update(1)
         bar.close()
-        info["surrogate_loss_learned"] = engine.loss(probe, policy.budgets(scale=params["offset_scale"]))
+        learned = policy.budgets(scale=params["offset_scale"])
+        info["surrogate_loss_learned"] = engine.loss(probe, learned)
     finally:
         engine.close()
     info["theta"] = policy.theta.tolist()
-    return policy.budgets(scale=params["offset_scale"]), info
+    return learned, info
