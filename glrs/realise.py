@@ -20,8 +20,10 @@ layer gets: Stage 2's decision) and re-derives the weights that spend them:
 3. Refit. With L and the support of S fixed, the kept sparse values are the least-squares solution
    of min ||(W - L - S) X||^2 on the calibration inputs, one ridge-damped system per output row:
    S_i,Omega = (H_OO + delta I)^-1 ((W - L)_i (H + delta I))_Omega, delta = damp * mean(diag H).
-   This is the compensation SparseGPT approximates column by column, solved exactly (float32
-   Cholesky factors, refined to float64 accuracy: `refit_sparse`).
+   This is the compensation SparseGPT approximates column by column. Version 2 solved every row exactly
+   (float32 Cholesky factors, refined); version 3 runs `refit_iterations` (30) conjugate-gradient steps
+   over all rows at once from the unrefitted values (`refit_sparse`): within 0.2 % of the exact
+   solution's error, the layer ~40 % faster (benchmarks/realise_speed.py).
 
 Each decoder layer is one job (`glrs realise`); it reads its layer's weights, its activation
 statistics (glrs.stats) and the allocation's JSON, and writes the factored form
@@ -39,9 +41,9 @@ from safetensors.torch import save_file
 from . import cas, modelio, stats
 from .errors import GlrsError
 
-REALISE_VERSION = 2  # 2: float32 GoDec by subspace iteration, refit by float32 Cholesky + refinement
+REALISE_VERSION = 3  # 2: float32 GoDec by subspace iteration; 3: refit by conjugate gradients (refit_iterations)
 MODES = ("refit", "select")
-DEFAULTS = {"mode": "refit", "rank_ratio": 0.1, "iterations": 40, "damp": 0.01}
+DEFAULTS = {"mode": "refit", "rank_ratio": 0.1, "iterations": 40, "damp": 0.01, "refit_iterations": 30}
 PARTS = ("U", "sigma", "V", "S_index", "S_values")
 GODEC_DTYPE = torch.float32
 
@@ -57,6 +59,8 @@ def resolve_params(params: dict | None) -> dict:
         raise GlrsError(f"config key realise.rank_ratio: {p['rank_ratio']} is outside [0, 1]")
     if int(p["iterations"]) < 1:
         raise GlrsError(f"config key realise.iterations: {p['iterations']} must be >= 1")
+    if int(p["refit_iterations"]) < 0:
+        raise GlrsError(f"config key realise.refit_iterations: {p['refit_iterations']} must be >= 0 (0: no refit)")
     if float(p["damp"]) <= 0:
         raise GlrsError(f"config key realise.damp: {p['damp']} must be > 0 (it keeps the row systems solvable)")
     return p
@@ -159,76 +163,39 @@ def godec(Wd: torch.Tensor, rank: int, nnz: int, iterations: int, oversample: in
 
 # ---- the refit ------------------------------------------------------------------------------------
 
-def _gather_block(Hd: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """[rows, k, k]: Hd[idx_i][:, idx_i] for each row of idx (two index_selects per row: faster than one
-    advanced-indexing gather over the batch)."""
-    rows, k = idx.shape
-    out = torch.empty(rows, k, k, dtype=Hd.dtype, device=Hd.device)
-    for i in range(rows):
-        torch.index_select(torch.index_select(Hd, 0, idx[i]), 1, idx[i], out=out[i])
-    return out
+def refit_sparse(R: torch.Tensor, mask: torch.Tensor, H: torch.Tensor, damp: float, iterations: int) -> torch.Tensor:
+    """The sparse matrix S supported on `mask` that (nearly) minimises tr((R - S) Hd (R - S)^T), Hd = H + delta I.
 
-
-def refit_sparse(R: torch.Tensor, mask: torch.Tensor, H: torch.Tensor, damp: float,
-                 max_elements: int = 1 << 22, refine: int | None = 1) -> torch.Tensor:
-    """The sparse matrix S supported on `mask` minimising tr((R - S) Hd (R - S)^T), Hd = H + delta I.
-
-    Row i: S_i,O = Hd_OO^-1 (R_i Hd)_O. Rows are solved in batches padded to the largest support
-    (padding rows/columns are the identity with a zero right-hand side). Each system is factored in
-    float32 (Cholesky) and solved to float64 accuracy by `refine` steps of iterative refinement, the
-    residual computed in float64 against the full Hd (x Hd, one matrix product per batch): with
-    delta = damp * mean(diag H) the systems' condition numbers stay below ~1e5, so each step gains
-    ~3 digits. A batch whose float32 factorisation fails is factored in float64 instead.
-    `refine=None` factors everything in float64 (no refinement needed).
+    Row i's optimum solves Hd_OO S_i,O = (R_i Hd)_O. All rows are solved at once by `iterations` steps of
+    Jacobi-preconditioned conjugate gradients, started from the unrefitted values S = R on the mask, each
+    step one float32 product of the masked rows with Hd (the support stays a mask: no gathered k x k
+    systems). A fixed step count, no data-dependent branch: the bytes depend only on the inputs and the
+    thread count. Measured on SmolLM2-135M (layers 0, 3, 12, 29; density 0.4 / 0.5; one thread): 30 steps
+    leave the activation-weighted output error within 0.2 % of the exact row solves (which REALISE_VERSION 2
+    made by Cholesky) in about a third of their time.
     """
-    m, n = R.shape
-    R = R.to(torch.float64)
+    R64 = R.to(torch.float64)
     Hd = H.to(R.device, torch.float64).clone()
-    Hd.diagonal().add_(damp * float(Hd.diagonal().mean()) if float(Hd.diagonal().mean()) > 0 else damp)
-    counts = mask.sum(1)
-    kmax = int(counts.max()) if m else 0
-    S = torch.zeros_like(R)
-    if kmax == 0:
-        return S
-    G = R @ Hd
-    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :kmax]  # support first, ascending
-    valid = torch.arange(kmax, device=R.device).unsqueeze(0) < counts.unsqueeze(1)
-    rows = max(1, max_elements // (kmax * kmax))
-    Hf = Hd if refine is None else Hd.to(torch.float32)
-
-    def factor(A, cnt):
-        for c in torch.unique(cnt[cnt < kmax]).tolist():  # padding: identity rows/columns
-            sel = (cnt == c).nonzero()  # [s, 1]
-            pad = torch.arange(c, kmax, device=A.device)
-            A[sel, pad.unsqueeze(0)] = 0  # rows c.. of the selected systems
-            A[sel.unsqueeze(2), :, pad] = 0  # columns c..
-            A[sel, pad, pad] = 1
-        C, info = torch.linalg.cholesky_ex(A.mT)  # A is symmetric; its transpose view is already column-major
-        return C, int(info.max()) == 0
-
-    def solve(C, rhs):  # two triangular solves: several times faster than cholesky_solve on a batch
-        y = torch.linalg.solve_triangular(C, rhs.to(C.dtype).unsqueeze(2), upper=False)
-        return torch.linalg.solve_triangular(C.mT, y, upper=True).squeeze(2).to(torch.float64)
-
-    for a in range(0, m, rows):
-        idx, ok, cnt = order[a:a + rows], valid[a:a + rows], counts[a:a + rows]
-        b = torch.where(ok, G[a:a + rows].gather(1, idx), 0.0)
-        C, fine = factor(_gather_block(Hf, idx), cnt)
-        if fine and refine is not None:
-            x = solve(C, b)
-            for _ in range(refine):
-                full = torch.zeros(idx.shape[0], n, dtype=torch.float64, device=R.device).scatter_(1, idx, x)
-                res = torch.where(ok, b - (full @ Hd).gather(1, idx), 0.0)
-                x += solve(C, res)
-                x = torch.where(ok, x, 0.0)
-        else:
-            if Hf.dtype != torch.float64:
-                C, fine = factor(_gather_block(Hd, idx), cnt)
-            if not fine:
-                raise GlrsError("realise: a damped row system is not positive definite; raise realise.damp (e.g. 0.1)")
-            x = solve(C, b)
-        S[a:a + rows].scatter_(1, idx, torch.where(ok, x, 0.0))
-    return S
+    mean = float(Hd.diagonal().mean())
+    Hd.diagonal().add_(damp * mean if mean > 0 else damp)
+    X = R64 * mask  # float64: the steps' float32 updates accumulate onto it
+    res = (((R64 - X) @ Hd) * mask).to(torch.float32)  # b - A x on the support
+    M = mask.to(torch.float32)
+    Hf = Hd.to(torch.float32)
+    dinv = (1.0 / Hf.diagonal()).unsqueeze(0) * M
+    Z = res * dinv
+    P = Z.clone()
+    rz = (res * Z).sum(1, keepdim=True)
+    for _ in range(iterations):
+        AP = (P @ Hf) * M
+        alpha = rz / (P * AP).sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        X += alpha * P  # float32 step into float64
+        res -= alpha * AP
+        Z = res * dinv
+        rz_next = (res * Z).sum(1, keepdim=True)
+        P = Z + rz_next / rz.clamp_min(torch.finfo(torch.float32).tiny) * P
+        rz = rz_next
+    return X
 
 
 def output_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor, den: float | None = None) -> float:
@@ -260,7 +227,7 @@ def realise_matrix(W: torch.Tensor, H: torch.Tensor, budget: int, params: dict) 
     L = (f["U"] * f["sigma"]) @ f["V"].T
     den = float((W64 @ H * W64).sum())
     before = output_error(W64, L + (W64 - L) * mask, H, den) if nnz else output_error(W64, L, H, den)
-    S = refit_sparse(W64 - L, mask, H, float(params["damp"]))
+    S = refit_sparse(W64 - L, mask, H, float(params["damp"]), int(params["refit_iterations"]))
     index = torch.nonzero(mask.reshape(-1)).squeeze(1)
     factors = {"U": f["U"], "sigma": f["sigma"], "V": f["V"], "S_index": index, "S_values": S.reshape(-1)[index]}
     record = {"rank": rank, "nnz": int(index.numel()), "params": rank * (m + n) + int(index.numel()),

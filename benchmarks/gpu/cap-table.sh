@@ -3,6 +3,8 @@
 # allocations under the same realisation, the paper as written, OATS at two rank ratios, SparseGPT and Wanda,
 # at densities 0.4 / 0.5 / 0.6:
 #   benchmarks/gpu/cap-table.sh MODEL.gguf SECONDS OUTDIR
+# Streams beside CAP's (stage overlays, space-separated; each gets 2 GPU slots):
+#   STREAMS="oats-0.1 baselines3 paper" (default: the whole table) or e.g. STREAMS="oats-0.1 sparsegpt-wanda"
 # Resumable: a second call with the same arguments finishes what the first left (results/ stays on a warm
 # machine). Stage overlays are in benchmarks/gpu/stages; every process runs over config/comparison.yaml
 # (128 x 512 calibration, whole held-out text). Summaries are written at the end of every call.
@@ -48,9 +50,9 @@ TARGETS="activations calibrate" sm prep --cores 16 -- cap-default zs100
     DEVICE=cpu sm c-realise --cores 12 --until realise -- cap-default zs100
     sm c-eval --cores 4 --resources gpu=4 "${o[@]}" -- cap-default zs100
 } &
-{ sm o --cores 2 --resources gpu=2 "${o[@]}" -- oats-0.1 zs100; } &
-{ sm b --cores 2 --resources gpu=2 "${o[@]}" -- baselines3 zs100; } &
-{ sm p --cores 2 --resources gpu=2 "${o[@]}" -- paper zs100; } &
+for stage in ${STREAMS:-oats-0.1 baselines3 paper}; do
+    { sm "$stage" --cores 2 --resources gpu=2 "${o[@]}" -- "$stage" zs100; } &
+done
 wait
 left=$(( budget - ($(date +%s) - start) ))
 echo "summaries at $(( $(date +%s) - start )) s" | tee -a "$out/status.log"

@@ -25,20 +25,31 @@ def _compose(f, shape):
     return W.reshape(shape)
 
 
-def test_refit_is_the_least_squares_solution_on_the_support():
+def _objective(W, S, Hd):
+    E = W - S
+    return float((E @ Hd * E).sum())
+
+
+def test_refit_converges_to_the_least_squares_solution_on_the_support():
+    """Conjugate gradients on every row at once: enough steps reach each row's direct solve (written
+    here the slow obvious way), and the default steps come within 0.2 % of its objective, below the
+    unrefitted start."""
     W, H = _planted()
     g = torch.Generator().manual_seed(1)
     mask = torch.rand(W.shape, generator=g) < 0.4
-    S = realise.refit_sparse(W, mask, H, damp=1e-3)
-    assert not S[~mask].any()
     Hd = H + 1e-3 * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
-    grad = (W - S) @ Hd  # gradient of tr((W - S) Hd (W - S)^T) / 2 with respect to S
-    assert grad[mask].abs().max() < 1e-8 * grad.abs().max().clamp_min(1)
-    # and row by row against a direct solve
-    i = 5
-    idx = mask[i].nonzero().squeeze(1)
-    direct = torch.linalg.solve(Hd[idx][:, idx], (W[i] @ Hd)[idx])
-    torch.testing.assert_close(S[i, idx], direct)
+    direct = torch.zeros_like(W)
+    for i in range(W.shape[0]):
+        idx = mask[i].nonzero().squeeze(1)
+        direct[i, idx] = torch.linalg.solve(Hd[idx][:, idx], (W[i] @ Hd)[idx])
+    S = realise.refit_sparse(W, mask, H, damp=1e-3, iterations=200)
+    assert not S[~mask].any()
+    torch.testing.assert_close(S, direct, rtol=0, atol=1e-3 * float(direct.abs().max()))
+    best, start = _objective(W, direct, Hd), _objective(W, W * mask, Hd)
+    default = _objective(W, realise.refit_sparse(W, mask, H, 1e-3, realise.DEFAULTS["refit_iterations"]), Hd)
+    assert best <= default < best + 0.002 * (start - best) + 0.002 * best
+    assert best < 0.95 * start  # the refit has something to gain here
+    assert torch.equal(realise.refit_sparse(W, mask, H, 1e-3, 0), W * mask)  # 0 steps: the unrefitted values
 
 
 def test_realised_matrix_spends_exactly_its_budget_and_composes():
@@ -99,7 +110,7 @@ def test_split_budget_and_settings_errors():
         realise.resolve_params({"rank_fraction": 0.1})
 
 
-# ---- the fast decomposition and refit (REALISE_VERSION 2) ----------------------------------------
+# ---- the fast decomposition (REALISE_VERSION 2) and refit (3) ----------------------------------------
 
 def test_row_topk_mask_is_the_baselines_mask_including_ties():
     from glrs.methods.base import row_topk_mask
@@ -150,17 +161,6 @@ def test_godec_matches_the_oats_iteration_on_a_planted_matrix():
     obj = float(torch.linalg.norm(R * ~mask) / torch.linalg.norm(Wd))
     assert obj == pytest.approx(hist[-1], rel=1e-3)
     assert int(mask.sum()) == k == int(mask_ref.sum())
-
-
-def test_float32_refit_with_refinement_is_the_float64_solution():
-    W, H = _planted(m=40, n=96)
-    g = torch.Generator().manual_seed(5)
-    mask = torch.rand(W.shape, generator=g) < 0.45
-    exact = realise.refit_sparse(W, mask, H, damp=0.01, refine=None)
-    for batch in (1 << 22, 5000):  # one batch, and several with padding to the batch's largest support
-        fast = realise.refit_sparse(W, mask, H, damp=0.01, max_elements=batch)
-        assert not fast[~mask].any()
-        torch.testing.assert_close(fast, exact, rtol=0, atol=1e-10 * float(exact.abs().max()))
 
 
 def test_realised_layer_bytes_do_not_depend_on_the_thread_count(tmp_path, monkeypatch):
