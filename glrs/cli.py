@@ -291,7 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     except GlrsError as e:
         print(f"glrs {args.command}: error: {e}", file=sys.stderr)
         return 2
+    _report_peak_gpu_memory(args.command)
     return 0
+
+
+def _report_peak_gpu_memory(command: str) -> None:
+    """One line in the job's log with the GPU memory the job peaked at (scale runs collect it: issue 12)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        peak = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+        print(f"glrs {command}: peak GPU memory {peak} bytes (torch.cuda.max_memory_allocated)", file=sys.stderr)
 
 
 if __name__ == "__main__":
