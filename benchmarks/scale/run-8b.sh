@@ -6,18 +6,19 @@
 # TOKENIZER_DIR: any local HF tokenizer (the embedded SmolLM2's prepared directory). Runs in its own
 # working directory (/tmp/scale-wd, a copy of this checkout) so that its results/ holds this run only;
 # resumable: a second call with the same arguments continues (snakemake finds what is done) while the
-# machine stays warm. LAYERS=N makes an N-layer model of the same shape (a quick check on a small machine).
+# machine stays warm. MODEL_ARGS="--layers 2 --hidden 256 ..." (random_llama.py's options) and MODEL=DIR make
+# another shape (a quick check on a small machine); EXTRA_CONFIG=FILE overlays one more config.
 # Writes OUTDIR/scale_8b.json (benchmarks/scale/collect.py) and OUTDIR/snakemake.log.
 set -uo pipefail
 tok=$(realpath "$1") out=$(realpath -m "$2") budget=$3
 start=$(date +%s)
-repo=$(pwd) wd=/tmp/scale-wd model=/tmp/llama8b${LAYERS:+-$LAYERS}
+repo=$(pwd) wd=${WORKDIR:-/tmp/scale-wd} model=${MODEL:-/tmp/llama8b}
 mkdir -p "$out" "$wd"
 tar cf - --exclude=./results --exclude=./.snakemake --exclude=./.whl --exclude=./.gpu --exclude=./.venv . \
     | tar xf - -C "$wd"
 if [[ ! -f $model/random_llama.json ]]; then
-    /usr/bin/time -v python3 benchmarks/scale/random_llama.py --out "$model" --tokenizer-from "$tok" \
-        ${LAYERS:+--layers $LAYERS} ${VOCAB:+--vocab $VOCAB} > "$out/random_llama.log" 2>&1
+    python3 benchmarks/scale/random_llama.py --out "$model" --tokenizer-from "$tok" \
+        ${MODEL_ARGS:-} > "$out/random_llama.log" 2>&1
 fi
 cd "$wd"
 left=$(( budget - 30 - ($(date +%s) - start) ))
