@@ -17,7 +17,6 @@ Allocators (config `allocators`):
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +40,8 @@ def needs_stats(allocator: str, params: dict) -> bool:
 
 @dataclass
 class MatrixPool:
-    """The candidates Stage 1 left for one matrix: its singular values and sorted |S|."""
+    """The candidates Stage 1 left for one matrix: its singular values and sorted |S| (under rpca.method
+    none: no singular values, and every weight's |value|; glrs.stage1)."""
 
     name: str
     layer: int
@@ -77,15 +77,10 @@ def layer_file_key(short: str, part: str) -> str:
 
 
 def load_pools(rpca_files: list[str | Path]) -> list[MatrixPool]:
-    pools = []
-    for path in rpca_files:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["glrs"])
-            for short, info in meta["matrices"].items():
-                sigma = f.get_tensor(layer_file_key(short, "sigma")).double()
-                s_abs = f.get_tensor(layer_file_key(short, "S_values")).double().abs()
-                pools.append(MatrixPool(info["name"], meta["layer"], short, tuple(info["shape"]), sigma, s_abs))
-    return pools
+    """The pools of these decompose files (glrs.stage1.Stage1.pools reads either source)."""
+    from .stage1 import Stage1
+
+    return Stage1.from_files(rpca_files).pools()
 
 
 def budget_for(pools: list[MatrixPool], density: float) -> int:

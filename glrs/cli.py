@@ -12,6 +12,25 @@ def _json(text: str) -> dict:
     return json.loads(text)
 
 
+def _add_stage1(s: argparse.ArgumentParser) -> None:
+    """Where a consumer of Stage 1 finds every layer's candidates (glrs.stage1): its files, or the weights."""
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--rpca", nargs="+", help="Stage 1's files, one per layer (the decompose jobs' outputs)")
+    g.add_argument("--split-layers", type=int, nargs="+", metavar="LAYER",
+                   help="rpca.method none: no Stage-1 files; these layers of --model-dir are split in memory (L = 0, S = W)")
+    s.add_argument("--rpca-key", default="", help="with --split-layers: the plan's Stage-1 key, recorded as an input")
+
+
+def _stage1(args: argparse.Namespace):
+    from .stage1 import Stage1
+
+    if args.rpca:
+        return Stage1.from_files(args.rpca)
+    if not args.model_dir:
+        raise GlrsError("--split-layers splits the weights of --model-dir; pass --model-dir")
+    return Stage1.from_weights(args.model_dir, args.split_layers, args.rpca_key)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glrs", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -39,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
 
     s = sub.add_parser("allocate", help="Stage 2: choose kept components and entries under the budget")
-    s.add_argument("--rpca", nargs="+", required=True)
+    _add_stage1(s)
     s.add_argument("--allocator", required=True)
     s.add_argument("--density", type=float, required=True)
     s.add_argument("--params", type=_json, default={})
@@ -53,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("materialize", help="write the factored and the dense compressed model")
     s.add_argument("--model-dir", required=True)
-    s.add_argument("--rpca", nargs="+", required=True)
+    _add_stage1(s)
     s.add_argument("--masks", required=True)
     s.add_argument("--alloc-json", required=True)
     s.add_argument("--run-info", type=_json, default={})
@@ -139,9 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--alloc-json", nargs="+", required=True)
     s.add_argument("--out", required=True)
 
-    s = sub.add_parser("plot-spectra", help="singular values of W versus L for a few layers")
+    s = sub.add_parser("plot-spectra", help="singular values of W versus L for a few layers (W alone under rpca.method none)")
     s.add_argument("--model-dir", required=True)
-    s.add_argument("--rpca", nargs="+", required=True)
+    _add_stage1(s)
     s.add_argument("--out", required=True)
 
     for name, what in (("plot-ppl", "perplexity vs density"), ("plot-zeroshot", "mean zero-shot accuracy vs density")):
@@ -179,12 +198,14 @@ def run(args: argparse.Namespace) -> None:
     elif c == "calibrate":
         pipeline.calibrate(args.model_dir, args.params, args.seed, args.out)
     elif c == "allocate":
-        info = pipeline.run_allocator(args.rpca, args.allocator, args.density, args.params, args.seed, args.model_dir,
+        if args.split_layers and not args.rpca_key:
+            raise GlrsError("--split-layers needs --rpca-key (the Stage-1 key the allocation records as its input)")
+        info = pipeline.run_allocator(_stage1(args), args.allocator, args.density, args.params, args.seed, args.model_dir,
                                       args.calib, args.json_out, args.masks_out, args.device, args.stats)
         print(f"{args.allocator}: target density {info['target_density']}, achieved {info['achieved_density']:.5f}")
     elif c == "materialize":
         pipeline.check_readable(args.masks, "allocation masks", "delete it and its .json and rerun its allocate job")
-        pipeline.materialize(args.model_dir, args.rpca, args.masks, args.alloc_json, args.run_info, args.out)
+        pipeline.materialize(args.model_dir, _stage1(args), args.masks, args.alloc_json, args.run_info, args.out)
     elif c == "activations":
         pipeline.collect_activations(args.model_dir, args.calib, args.layers, args.out_dir, args.device)
     elif c == "realise":
@@ -245,7 +266,7 @@ def run(args: argparse.Namespace) -> None:
     elif c == "plot-spectra":
         from .plots import plot_spectra
 
-        plot_spectra(args.model_dir, args.rpca, args.out)
+        plot_spectra(args.model_dir, _stage1(args), args.out)
     elif c == "plot-ppl":
         from .plots import plot_ppl_vs_density
 

@@ -123,15 +123,14 @@ def packages(*names: str) -> dict:
     return out
 
 
-def input_keys(rpca_files: list[str], calib_file: str | None = None, stats_files: list[str] | None = None) -> dict:
+def input_keys(stage1_keys: dict, calib_file: str | None = None, stats_files: list[str] | None = None) -> dict:
     """Where an allocation's inputs live, as keys under the results tree, so that `glrs verify` can
-    recompute it without the config: rpca/<model>/<rpca>/layer_<i>.safetensors, calib/<model>/<calib>.safetensors,
-    stats/<model>/<stats>/layer_<i>.safetensors."""
+    recompute it without the config: Stage 1's model key, Stage-1 key and layers (glrs.stage1.Stage1.keys:
+    rpca/<model>/<rpca>/layer_<i>.safetensors, or under rpca.method none the model's own weights),
+    calib/<model>/<calib>.safetensors, stats/<model>/<stats>/layer_<i>.safetensors."""
     from pathlib import Path
 
-    first = Path(rpca_files[0])
-    keys = {"model_key": first.parent.parent.name, "rpca_key": first.parent.name,
-            "layers": [int(Path(f).stem.removeprefix("layer_")) for f in rpca_files]}
+    keys = {k: stage1_keys[k] for k in ("model_key", "rpca_key", "layers")}
     if calib_file:
         keys["calib_key"] = Path(calib_file).stem
     if stats_files:

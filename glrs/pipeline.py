@@ -13,8 +13,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import allocate, cas, compressed, conditions, data, gpuslots, modelio, rpca
+from . import allocate, cas, compressed, conditions, data, gpuslots, modelio, rpca, stage1
 from .errors import GlrsError
+from .stage1 import Stage1
+
+read_rpca_layer = stage1.read_rpca_layer  # a decompose file's metadata and tensors (glrs.stage1), here as before
 
 
 # ---- Stage 1 ---------------------------------------------------------------------------------
@@ -45,13 +48,7 @@ def _decompose_pinned(weights: dict[str, torch.Tensor], layer: int, params: dict
                 mu_factor=params["mu_factor"], dtype=getattr(torch, params["dtype"]), device=device,
                 threads=conditions.SOLVER_THREADS,
             )
-        values, index = rpca.sort_sparse(res.S)
-        store = W.dtype
-        tensors[f"{short}.U"] = res.U.to("cpu", store).contiguous()
-        tensors[f"{short}.sigma"] = res.sigma.to("cpu", store).contiguous()
-        tensors[f"{short}.V"] = res.V.to("cpu", store).contiguous()
-        tensors[f"{short}.S_values"] = values.to("cpu", store).contiguous()
-        tensors[f"{short}.S_index"] = index.to("cpu", torch.int64).contiguous()
+        tensors |= stage1.layer_tensors(short, res, W.dtype)
         matrices[short] = {
             "name": modelio.weight_name(layer, short),
             "shape": list(W.shape),
@@ -60,22 +57,13 @@ def _decompose_pinned(weights: dict[str, torch.Tensor], layer: int, params: dict
             "residual": res.residual,
             "converged": res.converged,
             "rank": int(res.sigma.numel()),
-            "nnz": int(values.numel()),
+            "nnz": int(tensors[f"{short}.S_values"].numel()),
         }
     cond = conditions.current(device, params["dtype"], threads=conditions.SOLVER_THREADS)
     meta = {"layer": layer, "matrices": matrices, "params": params, "conditions": cond}
     with cas.atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata={"glrs": cas.canonical_json(meta)})
     return meta
-
-
-def read_rpca_layer(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["glrs"])
-            return meta, {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise GlrsError(f"cannot read RPCA factors {path}: {e}; delete the file and rerun its decompose job") from e
 
 
 # ---- Calibration ------------------------------------------------------------------------------
@@ -121,12 +109,14 @@ def collect_activations(model_dir: str, calib_file: str, layers: list[int], out_
 
 # ---- Stage 2 ----------------------------------------------------------------------------------
 
-def run_allocator(rpca_files: list[str], allocator: str, density: float, params: dict, seed: int,
+def run_allocator(stage1_in: Stage1 | list[str], allocator: str, density: float, params: dict, seed: int,
                   model_dir: str | None, calib_file: str | None, json_out: str, masks_out: str,
                   device: str = "auto", stats_files: list[str] | None = None) -> dict:
-    for path in rpca_files:
-        check_readable(path, "RPCA factors", "delete the file and rerun its decompose job")
-    pools = allocate.load_pools(rpca_files)
+    """One allocation from every layer's Stage-1 candidates (a glrs.stage1.Stage1: the decompose
+    files, or under rpca.method none the model's weights; a list of files is taken as the former)."""
+    s1 = Stage1.of(stage1_in)
+    s1.check_readable()
+    pools = s1.pools()
     used, stage2 = "cpu", None
     if allocator == "uniform":
         alloc = allocate.uniform(pools, density, **params)
@@ -141,7 +131,7 @@ def run_allocator(rpca_files: list[str], allocator: str, density: float, params:
 
         with gpuslots.device_slot(device) as dev:
             used = dev
-            alloc, stage2 = cap.allocate_with_info(pools, density, params, seed, model_dir, rpca_files,
+            alloc, stage2 = cap.allocate_with_info(pools, density, params, seed, model_dir, s1,
                                                    load_calibration(calib_file), allocator, dev, stats_files)
     else:
         raise GlrsError(f"unknown allocator {allocator!r}; use one of {', '.join(allocate.ALLOCATORS)}")
@@ -150,7 +140,7 @@ def run_allocator(rpca_files: list[str], allocator: str, density: float, params:
     if stage2:
         info["stage2"] = {k: stage2[k] for k in ("policy", "steps", "skipped_steps", "surrogate_loss_uniform",
                                                   "surrogate_loss_learned", "theta", "expected_density") if k in stage2}
-    info |= {"inputs": conditions.input_keys(rpca_files, calib_file, stats_files), "conditions": conditions.current(used)}
+    info |= {"inputs": conditions.input_keys(s1.keys(), calib_file, stats_files), "conditions": conditions.current(used)}
     allocate.save(alloc, info, json_out, masks_out)
     return info
 
@@ -170,13 +160,14 @@ def kept_factors(layer_tensors: dict[str, torch.Tensor], short: str, rank_keep: 
     }
 
 
-def materialize(model_dir: str, rpca_files: list[str], masks_file: str, alloc_json: str, run_info: dict, out: str) -> dict:
-    """Factored checkpoint + dense Hugging Face export of the compressed model."""
+def materialize(model_dir: str, stage1_in: Stage1 | list[str], masks_file: str, alloc_json: str, run_info: dict,
+                out: str) -> dict:
+    """Factored checkpoint + dense Hugging Face export of the compressed model: the kept Stage-1
+    candidates (from a glrs.stage1.Stage1, or a list of decompose files)."""
     masks = allocate.load_masks(masks_file)
     alloc_info = json.loads(Path(alloc_json).read_text())
     factors, dense_weights, shapes = {}, {}, {}
-    for path in rpca_files:
-        meta, tensors = read_rpca_layer(path)
+    for meta, tensors in Stage1.of(stage1_in).read():
         for short, m in meta["matrices"].items():
             name = m["name"]
             parts = kept_factors(tensors, short, masks.rank_keep[name], masks.sparse_keep[name])

@@ -4,6 +4,11 @@ Keys chain (DESIGN.md section 4): the model key comes from the source's content
 hash; each later key hashes its input keys, its own parameters and its stage's
 code version. So changing target_density changes only allocation keys and
 below, while the RPCA files (keyed by model + RPCA parameters) are found again.
+
+Under `rpca.method: none` (the default) Stage 1 is the trivial split L = 0, S = W: the plan has no
+RPCA files and no decompose job, and every consumer splits the prepared model's weights in memory
+(glrs.stage1). The Stage-1 key is still formed from the same parameters (they say `method: none`)
+and still enters the allocation keys, so those keys are the ones a run with decompose jobs had.
 """
 from __future__ import annotations
 
@@ -58,8 +63,22 @@ class Plan:
         return f"{RESULTS}/rpca/{self.model_key}/{self.rpca_key}/layer_{layer}.safetensors"
 
     @property
+    def splits_weights(self) -> bool:
+        """rpca.method none: no Stage-1 files; their consumers split the model's weights (glrs.stage1)."""
+        return self.rpca_params["method"] == "none"
+
+    @property
     def rpca_files(self) -> list[str]:
-        return [self.rpca_file(i) for i in self.layers]
+        """The decompose jobs' outputs; none under rpca.method none."""
+        return [] if self.splits_weights else [self.rpca_file(i) for i in self.layers]
+
+    def stage1_args(self, layers: list[int] | None = None) -> str:
+        """The CLI arguments that name Stage 1 for a job that reads it (allocate, materialize, plot-spectra):
+        its files, or under rpca.method none the layers to split (the job also gets --model-dir)."""
+        layers = self.layers if layers is None else layers
+        if self.splits_weights:
+            return f"--split-layers {' '.join(map(str, layers))} --rpca-key {self.rpca_key}"
+        return "--rpca " + " ".join(self.rpca_file(i) for i in layers)
 
     @property
     def calib_file(self) -> str:
@@ -123,8 +142,9 @@ class Plan:
                                     f"realise={self.realise_params['mode']}") if x)
 
     def allocate_inputs(self, alloc_key: str) -> dict:
-        """What one allocation job reads: every layer's factors, and the model and calibration text if it learns."""
-        inputs = {"rpca": self.rpca_files}
+        """What one allocation job reads: every layer's factors (under rpca.method none: the model's
+        weights), and the model and calibration text if it learns."""
+        inputs = {"model": self.model_dir} if self.splits_weights else {"rpca": self.rpca_files}
         run = self.run_by_alloc_key(alloc_key)
         if run.allocator in allocate.NEEDS_CALIBRATION:
             inputs |= {"model": self.model_dir, "calib": self.calib_file}
@@ -145,9 +165,15 @@ class Plan:
         return [r for r in self.runs if r.method != "cap"]
 
     @property
-    def spectra_files(self) -> list[str]:
+    def spectra_layers(self) -> list[int]:
+        """The layers of the spectra plot: plots.spectra_layers among the compressed ones, else the first."""
         wanted = self.config.get("plots", {}).get("spectra_layers", [0])
-        return [self.rpca_file(i) for i in wanted if i in self.layers] or self.rpca_files[:1]
+        return [i for i in wanted if i in self.layers] or self.layers[:1]
+
+    @property
+    def spectra_files(self) -> list[str]:
+        """Their Stage-1 files (none under rpca.method none: the plot then shows W's spectra alone)."""
+        return [] if self.splits_weights else [self.rpca_file(i) for i in self.spectra_layers]
 
     @property
     def dense_target(self) -> str:

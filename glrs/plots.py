@@ -111,24 +111,30 @@ def _n_layers(infos: list[dict]) -> int:
     return max(len({m["layer"] for m in i["matrices"].values()}) for i in infos)
 
 
-def plot_spectra(model_dir: str, rpca_files: list[str], out: str | Path) -> None:
+def plot_spectra(model_dir: str, stage1_in, out: str | Path) -> None:
     """Singular values of each weight W against those of its low-rank part L, for a few layers:
-    RPCA moves the heavy tail of W's spectrum into S, so L's spectrum drops off sooner."""
-    from .pipeline import read_rpca_layer
+    RPCA moves the heavy tail of W's spectrum into S, so L's spectrum drops off sooner. `stage1_in`
+    (a glrs.stage1.Stage1, or decompose files) names the layers; under rpca.method none there is no
+    L, and the figure shows W's spectra alone."""
+    from .stage1 import Stage1
 
-    rows = len(rpca_files)
+    stage1 = Stage1.of(stage1_in)
+    rows = len(stage1.layers)
     fig, axes = plt.subplots(rows, len(MATRICES), figsize=(2.6 * len(MATRICES), 2.3 * rows), squeeze=False)
-    for r, path in enumerate(rpca_files):
-        meta, tensors = read_rpca_layer(path)
-        weights = modelio.read_layer(model_dir, meta["layer"])
+    for r, layer in enumerate(stage1.layers):
+        sigma = {} if stage1.splits_weights else stage1.layer(layer, ("sigma",))[1]
+        weights = modelio.read_layer(model_dir, layer)
         for c, short in enumerate(MATRICES):
             ax = axes[r, c]
             w_sv = torch.linalg.svdvals(weights[short].double()).numpy()
-            l_sv = tensors[f"{short}.sigma"].double().numpy()
             ax.semilogy(np.arange(1, len(w_sv) + 1), w_sv, label="W", lw=1.2)
-            if len(l_sv):
-                ax.semilogy(np.arange(1, len(l_sv) + 1), l_sv, label="L (RPCA)", lw=1.2)
-            ax.set_title(f"layer {meta['layer']} {short}  rank(L)={len(l_sv)}/{len(w_sv)}", fontsize=8)
+            if stage1.splits_weights:
+                ax.set_title(f"layer {layer} {short}  (no L: rpca.method none)", fontsize=8)
+            else:
+                l_sv = sigma[f"{short}.sigma"].double().numpy()
+                if len(l_sv):
+                    ax.semilogy(np.arange(1, len(l_sv) + 1), l_sv, label="L (RPCA)", lw=1.2)
+                ax.set_title(f"layer {layer} {short}  rank(L)={len(l_sv)}/{len(w_sv)}", fontsize=8)
             ax.set_xlabel("index k")
             if c == 0:
                 ax.set_ylabel("singular value σ_k")

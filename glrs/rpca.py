@@ -77,7 +77,8 @@ class RPCAResult:
 
 def no_split(W: torch.Tensor) -> RPCAResult:
     """The trivial split L = 0, S = W (`rpca.method: none`): Stage 2 then allocates over the weights
-    themselves, and CAP's realisation (glrs.realise) builds the low-rank + sparse form afterwards."""
+    themselves, and CAP's realisation (glrs.realise) builds the low-rank + sparse form afterwards.
+    The pipeline stores no file of it: its consumers make it in memory from the weights (glrs.stage1)."""
     m, n = W.shape
     return RPCAResult(W.new_zeros(m, 0), W.new_zeros(0), W.new_zeros(n, 0), W.clone(), 0, 0.0, True)
 

@@ -22,6 +22,11 @@ statistics), `alloc` (results/alloc), `realise` (results/realise: CAP's realised
 `compressed` (results/compressed: factored checkpoint, dense export, info.json). Outputs that
 record no conditions (older files; stats and realise files so far) are recomputed under this
 process's conditions and, where their bytes differ, compared numerically.
+
+Under `rpca.method: none` a run writes no Stage-1 file (glrs.stage1): there is nothing of kind
+`rpca` to check, and an allocation or a selected compressed model whose Stage-1 files are absent
+is recomputed from the model's weights when a compressed model of the same Stage-1 key records
+`pool=none` in its variant (else it is skipped: its inputs are gone).
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from safetensors import safe_open
 
 from . import cas, conditions, pipeline
 from .errors import GlrsError
+from .stage1 import Stage1
 
 KINDS = ("rpca", "calib", "stats", "alloc", "realise", "compressed")
 
@@ -158,7 +164,7 @@ def _check_alloc(results: Path, path: Path, out: Path) -> dict:
     keys = info.get("inputs") or _alloc_inputs_from_models(results, path.stem)
     if keys is None:
         return _skipped("it records no inputs (made by an older glrs) and no compressed model names it")
-    rpca_files = [results / "rpca" / keys["model_key"] / keys["rpca_key"] / f"layer_{i}.safetensors" for i in keys["layers"]]
+    stage1, rpca_files = _stage1(results, keys)
     model_dir = results / "model" / keys["model_key"]
     calib = results / "calib" / keys["model_key"] / f"{keys['calib_key']}.safetensors" if keys.get("calib_key") else None
     stats_files = [results / "stats" / keys["model_key"] / keys["stats_key"] / f"layer_{i}.safetensors"
@@ -170,7 +176,7 @@ def _check_alloc(results: Path, path: Path, out: Path) -> dict:
     fresh_json, fresh_masks = out / path.name, out / f"{path.stem}.safetensors"
     with conditions.pinned_threads(_threads(recorded)):
         now = pipeline.run_allocator(
-            [str(p) for p in rpca_files], info["allocator"], info["target_density"], info["allocator_params"],
+            stage1, info["allocator"], info["target_density"], info["allocator_params"],
             info["seed"], str(model_dir), str(calib) if calib else None, str(fresh_json), str(fresh_masks),
             conditions.device_for(recorded), [str(p) for p in stats_files] or None,
         )["conditions"]
@@ -231,6 +237,26 @@ def _check_realise(results: Path, path: Path, out: Path) -> dict:
     return _outcome("realise", path, out, recorded, conditions.current(device), _tensors_numeric("realise"))
 
 
+def _stage1(results: Path, keys: dict) -> tuple[Stage1, list[Path]]:
+    """The Stage 1 an allocation or a compressed model was made from (`keys`: model_key, rpca_key, layers),
+    and the Stage-1 files it needs (none when it is split from the weights). Its decompose files when
+    they are there; else, if a compressed model of that Stage-1 key says it was made under
+    rpca.method none (variant `pool=none`), the model's weights; else the (missing) files."""
+    files = [results / "rpca" / keys["model_key"] / keys["rpca_key"] / f"layer_{i}.safetensors" for i in keys["layers"]]
+    model_dir = results / "model" / keys["model_key"]
+    if not all(p.exists() for p in files) and _split_from_weights(results, keys["rpca_key"]):
+        return Stage1.from_weights(model_dir, keys["layers"], keys["rpca_key"]), []
+    return Stage1.from_files(files), files
+
+
+def _split_from_weights(results: Path, rpca_key: str) -> bool:
+    for info_file in results.glob("compressed/*/info.json"):
+        info = json.loads(info_file.read_text())
+        if info.get("rpca_key") == rpca_key and "pool=none" in str(info.get("variant", "")).split():
+            return True
+    return False
+
+
 def _alloc_inputs_from_models(results: Path, alloc_key: str) -> dict | None:
     for info_file in results.glob("compressed/*/info.json"):
         info = json.loads(info_file.read_text())
@@ -256,13 +282,13 @@ def _check_compressed(results: Path, path: Path, out: Path) -> dict:
         with conditions.pinned_threads(_threads(recorded)):
             pipeline.materialize_realised(str(model_dir), [str(p) for p in realised], str(alloc_json), info, str(out))
     elif info["method"] == "cap":
-        rpca_files = [results / "rpca" / info["model_key"] / info["rpca_key"] / f"layer_{i}.safetensors" for i in info["layers"]]
+        stage1, rpca_files = _stage1(results, info)
         alloc_json, masks = results / "alloc" / f"{info['alloc_key']}.json", results / "alloc" / f"{info['alloc_key']}.safetensors"
         missing = [str(p) for p in [model_dir, *rpca_files, alloc_json, masks] if not p.exists()]
         if missing:
             return _skipped(f"its inputs are gone: {missing[:3]}")
         with conditions.pinned_threads(_threads(recorded)):
-            pipeline.materialize(str(model_dir), [str(p) for p in rpca_files], str(masks), str(alloc_json), info, str(out))
+            pipeline.materialize(str(model_dir), stage1, str(masks), str(alloc_json), info, str(out))
     else:
         calib = results / "calib" / info["model_key"] / f"{info['calib_key']}.safetensors"
         missing = [str(p) for p in (model_dir, calib) if not p.exists()]

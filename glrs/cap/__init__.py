@@ -284,14 +284,15 @@ def resolve_params(params: dict | None, space: str = "cap") -> dict:
 # ---- the allocator -------------------------------------------------------------------------------------
 
 def allocate(pools: list[_alloc.MatrixPool], density: float, params: dict | None, seed: int, model_dir: str | None,
-             rpca_files: Sequence[str], calib_ids: torch.Tensor | None, space: str = "cap",
+             stage1, calib_ids: torch.Tensor | None, space: str = "cap",
              device: str = "cpu", stats_files: Sequence[str] | None = None) -> _alloc.Allocation:
-    """CAP Stage 2 over `space` ("cap" | "lowrank-only" | "sparse-only"): see the module docstring."""
-    return allocate_with_info(pools, density, params, seed, model_dir, rpca_files, calib_ids, space, device,
+    """CAP Stage 2 over `space` ("cap" | "lowrank-only" | "sparse-only"): see the module docstring.
+    `stage1`: where the pools' factors are read from (a glrs.stage1.Stage1, or the decompose files)."""
+    return allocate_with_info(pools, density, params, seed, model_dir, stage1, calib_ids, space, device,
                               stats_files)[0]
 
 
-def allocate_with_info(pools, density, params, seed, model_dir, rpca_files, calib_ids, space="cap", device="cpu",
+def allocate_with_info(pools, density, params, seed, model_dir, stage1, calib_ids, space="cap", device="cpu",
                        stats_files=None):
     """As `allocate`, plus a dict of what happened (steps, losses, baselines, expected density)."""
     p = resolve_params(params, space)
@@ -318,7 +319,7 @@ def allocate_with_info(pools, density, params, seed, model_dir, rpca_files, cali
                             "or use init: magnitude with epochs: 0")
         if model_dir is None:
             raise GlrsError("CAP needs the prepared model directory for its forward passes (model_dir is None)")
-        factors = _read_factors(rpca_files, pools, space, dev, p["offload"])
+        factors = _read_factors(stage1, pools, space, dev, p["offload"])
 
     Policy, lr = (TiedPolicy, p["logit_lr"]) if p["policy"] == "tied" else (BernoulliPolicy, p["lr"])
     policy = Policy(

@@ -2,12 +2,10 @@
 their initial scores, and the model whose target weights are composed from a mask sample."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
-from safetensors import safe_open
 
 from .. import allocate as _alloc
 from ..errors import GlrsError
@@ -150,32 +148,36 @@ class _Matrix:
     sparse_blocks: list[int] = field(default_factory=list)
 
 
-def _read_factors(rpca_files: Sequence[str], pools: list[_alloc.MatrixPool], space: str,
+def _read_factors(stage1_in, pools: list[_alloc.MatrixPool], space: str,
                   device: torch.device, offload: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """The parts of every pool's Stage-1 factors that `space` composes W~ from, by matrix name, from a
+    glrs.stage1.Stage1 (the decompose files, or the weights under rpca.method none) or a list of files."""
+    from ..stage1 import Stage1
+
+    stage1 = Stage1.of(stage1_in)
     by_name = {p.name: p for p in pools}
     parts = {"cap": ("U", "sigma", "V", "S_values", "S_index"), "lowrank-only": ("U", "sigma", "V"),
              "sparse-only": ("S_values", "S_index")}[space]
     store = torch.device("cpu") if offload else device
     pin = offload and device.type == "cuda"
     out = {}
-    for path in rpca_files:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["glrs"])
-            for short, info in meta["matrices"].items():
-                pool = by_name.get(info["name"])
-                if pool is None:
-                    continue
-                t = {part: f.get_tensor(_alloc.layer_file_key(short, part)) for part in parts}
-                m, n = pool.shape
-                if "S_index" in t:
-                    if t["S_values"].numel() != pool.s_abs.numel():
-                        raise GlrsError(f"{path}: {short}.S_values does not match its pool; rerun the decompose job")
-                    if m * n < 2**31:
-                        t["S_index"] = t["S_index"].to(torch.int32)
-                if "U" in t and t["U"].shape[1] != pool.sigma.numel():
-                    raise GlrsError(f"{path}: {short}.U does not match its pool; rerun the decompose job")
-                t = {k: (v.pin_memory() if pin else v.to(store)) for k, v in t.items()}
-                out[pool.name] = t
+    for meta, tensors in stage1.read(parts):
+        where = stage1.source(meta["layer"])
+        for short, info in meta["matrices"].items():
+            pool = by_name.get(info["name"])
+            if pool is None:
+                continue
+            t = {part: tensors[_alloc.layer_file_key(short, part)] for part in parts}
+            m, n = pool.shape
+            if "S_index" in t:
+                if t["S_values"].numel() != pool.s_abs.numel():
+                    raise GlrsError(f"{where}: {short}.S_values does not match its pool; rerun the decompose job")
+                if m * n < 2**31:
+                    t["S_index"] = t["S_index"].to(torch.int32)
+            if "U" in t and t["U"].shape[1] != pool.sigma.numel():
+                raise GlrsError(f"{where}: {short}.U does not match its pool; rerun the decompose job")
+            t = {k: (v.pin_memory() if pin else v.to(store)) for k, v in t.items()}
+            out[pool.name] = t
     missing = [p.name for p in pools if p.name not in out]
     if missing:
         raise GlrsError(f"RPCA factors missing for {missing[:3]}...; pass every layer's RPCA file")

@@ -144,19 +144,51 @@ def test_rpca_parameter_change_is_new_keys_and_revert_is_free(workdir, tiny_llam
     assert not set(planned_jobs(workdir)) & HEAVY
 
 
-def test_rpca_method_none_is_its_own_key_and_switching_back_is_free(workdir, tiny_llama_dir):
-    """The default rpca.method none writes its trivial split under its own key, next to the RPCA factors,
-    and the CAP run above it is complete; back to ialm, everything is found again."""
-    before = set((workdir / "results").glob("rpca/*/*/layer_*.safetensors"))
+def test_rpca_method_none_plans_no_stage1_and_switching_back_is_free(workdir, tiny_llama_dir):
+    """The default rpca.method none has no decompose job and writes nothing under results/rpca/: its
+    consumers split the model's weights in memory (glrs.stage1). Its CAP runs are complete, realised
+    (refit) and selected (the kept candidates of S = W); verify recomputes their allocations from the
+    weights; back to ialm, everything is found again."""
+    res = workdir / "results"
+
+    def stage1_traces():
+        return {p for d in ("rpca", "bench/decompose", "logs/decompose") for p in res.glob(f"{d}/**/*")}
+
+    before = stage1_traces()
     write_config(workdir, tiny_llama_dir, target_density=[0.3], rpca={"method": "none"})
     jobs = planned_jobs(workdir)
-    assert jobs["decompose"] == 3 and "activations" not in jobs and "prepare_model" not in jobs
+    assert "decompose" not in jobs and "activations" not in jobs and "prepare_model" not in jobs
+    assert jobs["allocate"] == jobs["materialize_realised"] == 1 and "plot_spectra" in jobs
     snakemake(workdir)
-    after = set((workdir / "results").glob("rpca/*/*/layer_*.safetensors"))
-    assert before < after and len(after) == len(before) + 3
     assert not set(planned_jobs(workdir)) & HEAVY
+    write_config(workdir, tiny_llama_dir, target_density=[0.3], rpca={"method": "none"}, realise={"mode": "select"})
+    jobs = planned_jobs(workdir)
+    # the same allocation (its key does not depend on realise.mode), its kept candidates materialised
+    assert "decompose" not in jobs and "allocate" not in jobs and jobs["materialize"] == 1
+    snakemake(workdir)
+    assert stage1_traces() == before  # nothing written under results/rpca/, no decompose job ran
+    infos = [json.loads(i.read_text()) for i in res.glob("compressed/*/info.json")]
+    none = [i for i in infos if "pool=none" in i["variant"].split()]
+    assert {i["variant"].split()[-1] for i in none} == {"realise=refit", "realise=select"}
+    assert float(next(r for r in csv.DictReader((res / "summary.csv").open())
+                      if r["method"] == "cap" and r["variant"] == "pool=none realise=select")["achieved_density"]) > 0.29
+    proc = subprocess.run([sys.executable, "-m", "glrs", "verify", "--results", str(res), "--sample", "20",
+                           "--kinds", "alloc", "compressed"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "DIFFERENT" not in proc.stdout and "skipped" not in proc.stdout, proc.stdout
+    none_allocs = {i["alloc_key"] for i in none}
+    assert len(none_allocs) == 1
+    assert all(f"identical  alloc      {res}/alloc/{k}.json" in proc.stdout for k in none_allocs), proc.stdout
     write_config(workdir, tiny_llama_dir, target_density=[0.3])
     assert not set(planned_jobs(workdir)) & HEAVY
+
+
+def test_default_config_plans_no_decompose_job(tmp_path):
+    """config/config.yaml as it is (rpca.method none): no decompose job, the spectra plot still drawn."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(BASE_CONFIG))
+    assert BASE_CONFIG["rpca"]["method"] == "none"
+    jobs = planned_jobs(tmp_path)
+    assert "decompose" not in jobs and "plot_spectra" in jobs and jobs["allocate"] == len(BASE_CONFIG["allocators"])
 
 
 def test_bad_config_stops_before_any_job(workdir, tiny_llama_dir):

@@ -19,12 +19,15 @@ from glrs import (allocate, compressed, config as glrs_config, data, evaluate, m
                   stats, zeroshot)
 
 
-@pytest.fixture(scope="module", params=["refit", "select"])
+@pytest.fixture(scope="module", params=[("refit", "none"), ("select", "none"), ("select", "ialm")],
+                ids=["refit-none", "select-none", "select-ialm"])
 def base_config(tiny_llama_dir, request):
     cfg = glrs_config.load()
     cfg |= {"model": str(tiny_llama_dir), "layers": "all", "methods": ["cap", "wanda"],
             "allocators": ["uniform", "cap", "owl"], "target_density": [0.4, 0.5]}
-    cfg["realise"] = {"mode": request.param}  # CAP runs realised (refit) or materialised from the kept candidates
+    # CAP runs realised (refit) or materialised from the kept candidates; Stage 1 none (no files) or RPCA
+    cfg["realise"] = {"mode": request.param[0]}
+    cfg["rpca"] = dict(cfg["rpca"], method=request.param[1])
     cfg["evaluation"]["zeroshot"]["tasks"] = ["glrs_cloze"]
     return cfg
 
@@ -54,12 +57,14 @@ def nodes(p: glrs_plan.Plan) -> dict[str, str]:
 
 
 def downstream(p: glrs_plan.Plan) -> dict[str, set[str]]:
-    """Direct successors of each node (DESIGN.md section 3)."""
+    """Direct successors of each node (DESIGN.md section 3). Under rpca.method none there are no Stage-1
+    files (their consumers split the weights): the Stage-1 key still reaches every allocation."""
     ds_list = list(p.eval_keys)
+    files = {"rpca_files"} if p.rpca_files else set()
     g: dict[str, set[str]] = {
-        "model": {"model_dir", "rpca_files", "calib_file", "stats_files", "rpca", "calib", "stats", "zs:dense"}
+        "model": {"model_dir", "calib_file", "stats_files", "rpca", "calib", "stats", "zs:dense"} | files
                  | {f"metrics:dense:{d}" for d in ds_list} | {f"realise:{r.label}" for r in p.realised_runs},
-        "rpca": {"rpca_files"} | {f"alloc:{r.label}" for r in p.cap_runs},
+        "rpca": files | {f"alloc:{r.label}" for r in p.cap_runs},
         "calib": {"calib_file"} | {f"alloc:{r.label}" for r in p.cap_runs if r.allocator in allocate.NEEDS_CALIBRATION}
                  | {f"comp:{r.label}" for r in p.baseline_runs} | {"stats"},
         "stats": {"stats_files"} | {f"alloc:{r.label}" for r in p.cap_runs if allocate.needs_stats(r.allocator, r.params)}
@@ -176,3 +181,19 @@ def test_density_sweep_shares_everything_upstream_of_allocation(base_config):
     after = nodes(glrs_plan.make_plan(cfg))
     assert {k: after[k] for k in before} == before
     assert len(after) > len(before)
+
+
+def test_rpca_method_none_plans_no_stage1_files(base_config):
+    """Under none nothing asks for a Stage-1 file: the allocation reads the model, and every consumer is
+    told to split the weights; under ialm they read the decompose files."""
+    p = glrs_plan.make_plan(copy.deepcopy(base_config))
+    run = p.cap_runs[0]
+    if p.rpca_params["method"] == "none":
+        assert p.splits_weights and p.rpca_files == [] and p.spectra_files == []
+        assert p.allocate_inputs(run.alloc_key)["model"] == p.model_dir and "rpca" not in p.allocate_inputs(run.alloc_key)
+        assert p.stage1_args() == f"--split-layers {' '.join(map(str, p.layers))} --rpca-key {p.rpca_key}"
+    else:
+        assert not p.splits_weights and len(p.rpca_files) == len(p.layers)
+        assert p.allocate_inputs(run.alloc_key)["rpca"] == p.rpca_files
+        assert p.stage1_args([0]) == f"--rpca {p.rpca_file(0)}"
+    assert p.spectra_layers == [0]  # of plots.spectra_layers [0, 14, 29], the tiny model's 3 layers have 0

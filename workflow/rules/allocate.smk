@@ -1,4 +1,5 @@
 # Stage 2: one job per (allocator, density) gathers every layer's factors and spends one global budget.
+# Under rpca.method none it reads no Stage-1 file: it splits the model's weights itself (glrs.stage1).
 
 
 rule allocate:
@@ -10,6 +11,7 @@ rule allocate:
         json=f"{RESULTS}/alloc/{{alloc_key}}.json",
         masks=f"{RESULTS}/alloc/{{alloc_key}}.safetensors",
     params:
+        stage1=PLAN.stage1_args(),
         allocator=lambda wc: PLAN.run_by_alloc_key(wc.alloc_key).allocator,
         density=lambda wc: PLAN.run_by_alloc_key(wc.alloc_key).density,
         settings=lambda wc: shell_json(PLAN.run_by_alloc_key(wc.alloc_key).params),
@@ -25,6 +27,6 @@ rule allocate:
     benchmark:
         f"{RESULTS}/bench/allocate/{{alloc_key}}.tsv"
     shell:
-        "python -m glrs allocate --rpca {input.rpca} --allocator {params.allocator} --density {params.density} "
+        "python -m glrs allocate {params.stage1} --allocator {params.allocator} --density {params.density} "
         "--params {params.settings} --seed {params.seed} {params.calib} --device {params.device} "
         "--json-out {output.json} --masks-out {output.masks} > {log} 2>&1"

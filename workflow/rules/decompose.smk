@@ -1,4 +1,6 @@
 # Stage 1: one independent RPCA job per transformer layer. Each job reads only its layer.
+# Planned only for rpca.method ialm: under none (the default) nothing asks for these files (PLAN.rpca_files
+# is empty) and each consumer splits the weights in memory (glrs.stage1), so the run has no decompose job.
 # `gpu=1` lets `--resources gpu=K` bound concurrent GPU jobs; without that flag it constrains nothing.
 
 

@@ -1,4 +1,6 @@
 # The compressed model, twice: factored (U, sigma, V, sparse S) and a dense Hugging Face export.
+# `materialize` keeps the selected Stage-1 candidates (realise.mode select): from the Stage-1 files, or
+# under rpca.method none from the model's weights split in memory (no Stage-1 file is an input then).
 
 
 rule materialize:
@@ -14,13 +16,14 @@ rule materialize:
     wildcard_constraints:
         comp_key=key_pattern(r.comp_key for r in PLAN.cap_runs if not r.realise_key),
     params:
+        stage1=PLAN.stage1_args(),
         info=lambda wc: shell_json(PLAN.run_info(PLAN.run_by_comp_key(wc.comp_key))),
     log:
         f"{RESULTS}/logs/materialize/{{comp_key}}.log",
     benchmark:
         f"{RESULTS}/bench/materialize/{{comp_key}}.tsv"
     shell:
-        "python -m glrs materialize --model-dir {input.model} --rpca {input.rpca} --masks {input.masks} "
+        "python -m glrs materialize --model-dir {input.model} {params.stage1} --masks {input.masks} "
         "--alloc-json {input.json} --run-info {params.info} --out {output} > {log} 2>&1"
 
 

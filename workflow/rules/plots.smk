@@ -1,4 +1,5 @@
-# Figures: the allocation (layer x matrix heat maps), the RPCA spectra (W vs L), perplexity and zero-shot
+# Figures: the allocation (layer x matrix heat maps), the RPCA spectra (W vs L; W alone under rpca.method
+# none, which has no L and no Stage-1 file), perplexity and zero-shot
 # accuracy vs density per method (from the summary), stage wall times (from the benchmarks); and the
 # provenance (software versions, effective config) that the report shows next to them.
 
@@ -24,10 +25,12 @@ rule plot_spectra:
         rpca=PLAN.spectra_files,
     output:
         report(f"{RESULTS}/plots/spectra.png", caption="../report/spectra.rst", category="Figures"),
+    params:
+        stage1=PLAN.stage1_args(PLAN.spectra_layers),
     log:
         f"{RESULTS}/logs/plot_spectra.log",
     shell:
-        "python -m glrs plot-spectra --model-dir {input.model} --rpca {input.rpca} --out {output} > {log} 2>&1"
+        "python -m glrs plot-spectra --model-dir {input.model} {params.stage1} --out {output} > {log} 2>&1"
 
 
 rule plot_ppl:
