@@ -3,6 +3,7 @@
 
 
 rule allocate:
+    priority: 30  # CAP's critical path first (see calibrate)
     conda:
         "../../envs/glrs.yaml"
     input:

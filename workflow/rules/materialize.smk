@@ -28,6 +28,7 @@ rule materialize:
 
 
 rule materialize_realised:
+    priority: 20  # CAP's critical path first (see calibrate)
     conda:
         "../../envs/glrs.yaml"
     input:

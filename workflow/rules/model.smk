@@ -20,6 +20,9 @@ rule prepare_model:
 
 
 rule calibrate:
+    # CAP's critical path (calibrate -> activations -> allocate -> realise -> materialise) first: on a
+    # small machine the evaluations of the dense and baseline models fill the cores around it
+    priority: 50
     conda:
         "../../envs/glrs.yaml"
     input:

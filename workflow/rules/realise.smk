@@ -3,6 +3,7 @@
 
 
 rule activations:
+    priority: 40  # CAP's critical path first (see calibrate)
     conda:
         "../../envs/glrs.yaml"
     input:
@@ -26,6 +27,7 @@ rule activations:
 
 
 rule realise:
+    priority: 20  # CAP's critical path first (see calibrate)
     conda:
         "../../envs/glrs.yaml"
     input:
