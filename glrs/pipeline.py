@@ -17,7 +17,6 @@ from . import allocate, cas, compressed, conditions, data, gpuslots, modelio, rp
 from .errors import GlrsError
 from .stage1 import Stage1
 
-read_rpca_layer = stage1.read_rpca_layer  # a decompose file's metadata and tensors (glrs.stage1), here as before
 
 
 # ---- Stage 1 ---------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from safetensors import safe_open
 
 from . import cas, conditions, pipeline
 from .errors import GlrsError
-from .stage1 import Stage1
+from .stage1 import Stage1, read_rpca_layer
 
 KINDS = ("rpca", "calib", "stats", "alloc", "realise", "compressed")
 
@@ -134,14 +134,14 @@ def _tree(d: Path) -> dict[str, Path]:
 
 
 def _check_rpca(results: Path, path: Path, out: Path) -> dict:
-    meta, _ = pipeline.read_rpca_layer(path)
+    meta, _ = read_rpca_layer(path)
     recorded = meta.get("conditions")
     device = conditions.device_for(recorded)
     model_dir = results / "model" / path.parent.parent.name
     if not model_dir.is_dir():
         return _skipped(f"its model {model_dir} is gone")
     pipeline.decompose_layer(str(model_dir), meta["layer"], meta["params"], str(out), device)
-    now, _ = pipeline.read_rpca_layer(out)
+    now, _ = read_rpca_layer(out)
     return _outcome("rpca", path, out, recorded, now["conditions"], _rpca_numeric)
 
 
@@ -322,8 +322,8 @@ def _load(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _rpca_numeric(a: Path, b: Path) -> tuple[bool, str]:
-    meta_a, ta = pipeline.read_rpca_layer(a)
-    meta_b, tb = pipeline.read_rpca_layer(b)
+    meta_a, ta = read_rpca_layer(a)
+    meta_b, tb = read_rpca_layer(b)
     if set(meta_a["matrices"]) != set(meta_b["matrices"]):
         return False, "different matrices"
     worst, where = 0.0, ""

@@ -87,7 +87,7 @@ SNAKEFILE = textwrap.dedent(
         output:
             "summary.json",
         run:
-            from glrs.pipeline import read_rpca_layer
+            from glrs.stage1 import read_rpca_layer
 
             summary = {}
             for path in input:

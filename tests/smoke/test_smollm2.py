@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from glrs import modelio, pipeline, rpca
+from glrs import modelio, rpca
+from glrs.stage1 import read_rpca_layer
 from test_snakemake import snakemake, write_config
 
 pytestmark = pytest.mark.smoke
@@ -85,5 +86,5 @@ def test_fast_rpca_agrees_with_full_svd_reference_on_real_weights(smoke_run):
     scale = torch.linalg.norm(W.double())
     assert torch.linalg.norm(fast.L - ref.L) / scale < 1e-6
     assert torch.linalg.norm(fast.S - ref.S) / scale < 1e-6
-    meta, _ = pipeline.read_rpca_layer(next((smoke_run / "results" / "rpca").rglob("layer_0.safetensors")))
+    meta, _ = read_rpca_layer(next((smoke_run / "results" / "rpca").rglob("layer_0.safetensors")))
     assert all(m["converged"] and m["residual"] < 1e-6 for m in meta["matrices"].values())

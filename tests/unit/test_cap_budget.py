@@ -10,6 +10,7 @@ import torch
 
 from glrs import allocate, cap, stats
 from glrs.cap import budget as cap_budget
+from glrs.stage1 import read_rpca_layer
 from glrs.methods.base import capped_split
 
 from conftest import save_decomposed
@@ -204,7 +205,7 @@ def test_default_cap_realised_beats_uniform_and_the_paper_as_written(planted):
     paper, _ = cap.allocate_with_info(pools, 0.5, {"policy": "entry", "samples_per_step": 1, "baseline": "ema",
                                                    "init": "magnitude", "epochs": 1}, 0, planted["model_dir"],
                                       planted["files"], planted["ids"], "cap", "cpu", None)
-    layer_tensors = {i: pipeline.read_rpca_layer(f)[1] for i, f in enumerate(planted["files"])}
+    layer_tensors = {i: read_rpca_layer(f)[1] for i, f in enumerate(planted["files"])}
 
     def selected(q, W, H):
         f = pipeline.kept_factors(layer_tensors[q.layer], q.short, paper.rank_keep[q.name], paper.sparse_keep[q.name])

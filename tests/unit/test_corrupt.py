@@ -9,6 +9,7 @@ import pytest
 
 from glrs import cli, pipeline
 from glrs.errors import GlrsError
+from glrs.stage1 import read_rpca_layer
 
 RPCA = {"lambda_scale": 1.0, "tol": 1e-4, "max_iter": 20, "rho": 1.5, "mu_factor": 1.25, "dtype": "float64"}
 
@@ -37,7 +38,7 @@ def test_truncated_stage1_file(stage_files, tmp_path, keep):
     tmp, files = stage_files
     bad = truncate(files[1], tmp_path / "layer_1.safetensors", keep)
     broken = [files[0], str(bad), files[2]]
-    for call in (lambda: pipeline.read_rpca_layer(bad),
+    for call in (lambda: read_rpca_layer(bad),
                  lambda: pipeline.run_allocator(broken, "uniform", 0.5, {"rank_fraction": 0.5}, 0, None, None,
                                                 str(tmp_path / "a.json"), str(tmp_path / "a.safetensors"))):
         with pytest.raises(GlrsError, match=r"RPCA factors .*layer_1\.safetensors.*rerun its decompose job"):
