@@ -228,6 +228,21 @@ def read_manifest(model_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
+def layer_shapes(model_dir: str | os.PathLike, layer: int) -> dict[str, tuple[int, int]]:
+    """The target matrices' shapes of one decoder layer, from the safetensors headers (no weight is read)."""
+    model_dir = Path(model_dir)
+    n = read_manifest(model_dir)["num_layers"]
+    if not 0 <= layer < n:
+        raise GlrsError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1})")
+    wmap = _weight_map(model_dir)
+    out = {}
+    for short in TARGETS:
+        name = weight_name(layer, short)
+        with _open(model_dir / wmap[name]) as f:
+            out[short] = tuple(f.get_slice(name).get_shape())
+    return out
+
+
 def read_layer(model_dir: str | os.PathLike, layer: int) -> dict[str, torch.Tensor]:
     """The target matrices of one decoder layer, read lazily from disk."""
     model_dir = Path(model_dir)

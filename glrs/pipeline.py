@@ -108,6 +108,17 @@ def collect_activations(model_dir: str, calib_file: str, layers: list[int], out_
 
 # ---- Stage 2 ----------------------------------------------------------------------------------
 
+def _budgets_only(allocator: str, params: dict) -> bool:
+    """Whether the allocator decides per-matrix budgets only (no candidate's value): uniform, owl, CAP's budget policy."""
+    if allocator in ("uniform", "owl"):
+        return True
+    if allocator in allocate.NEEDS_CALIBRATION:
+        from . import cap
+
+        return cap.resolve_params(params, allocator)["policy"] == "budget"
+    return False
+
+
 def run_allocator(stage1_in: Stage1 | list[str], allocator: str, density: float, params: dict, seed: int,
                   model_dir: str | None, calib_file: str | None, json_out: str, masks_out: str,
                   device: str = "auto", stats_files: list[str] | None = None) -> dict:
@@ -115,7 +126,7 @@ def run_allocator(stage1_in: Stage1 | list[str], allocator: str, density: float,
     files, or under rpca.method none the model's weights; a list of files is taken as the former)."""
     s1 = Stage1.of(stage1_in)
     s1.check_readable()
-    pools = s1.pools()
+    pools = s1.pools(values=not _budgets_only(allocator, params))
     used, stage2 = "cpu", None
     if allocator == "uniform":
         alloc = allocate.uniform(pools, density, **params)

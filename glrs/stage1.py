@@ -147,11 +147,24 @@ class Stage1:
         for layer in self.layers:
             yield self.layer(layer, parts)
 
-    def pools(self) -> list:
-        """The allocators' view (glrs.allocate.MatrixPool): per matrix its singular values and sorted |S|."""
+    def pools(self, values: bool = True) -> list:
+        """The allocators' view (glrs.allocate.MatrixPool): per matrix its singular values and sorted |S|.
+
+        `values=False`, under rpca.method none: only the candidates' counts (no singular component; one
+        entry per weight), as 'meta' tensors that hold no data, read from the checkpoint's headers. The
+        allocators that decide per-matrix budgets (uniform, owl, CAP's budget policy) need nothing more;
+        sorting every |weight| in float64 would cost ~56 GB and minutes at 8B. Reading a value of such a
+        pool fails loudly (a meta tensor has none)."""
         from .allocate import MatrixPool
 
         pools = []
+        if not values and self.splits_weights:
+            for layer in self.layers:
+                for short, shape in sorted(modelio.layer_shapes(self.model_dir, layer).items()):
+                    pools.append(MatrixPool(modelio.weight_name(layer, short), layer, short, tuple(shape),
+                                            torch.empty(0, dtype=torch.float64),
+                                            torch.empty(shape[0] * shape[1], dtype=torch.float64, device="meta")))
+            return pools
         for meta, t in self.read(("sigma", "S_values")):
             for short, info in meta["matrices"].items():
                 pools.append(MatrixPool(info["name"], meta["layer"], short, tuple(info["shape"]),

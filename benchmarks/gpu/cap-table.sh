@@ -5,6 +5,9 @@
 #   benchmarks/gpu/cap-table.sh MODEL.gguf SECONDS OUTDIR
 # Streams beside CAP's (stage overlays, space-separated; each gets 2 GPU slots):
 #   STREAMS="oats-0.1 baselines3 paper" (default: the whole table) or e.g. STREAMS="oats-0.1 sparsegpt-wanda"
+# CAP_STAGE (default cap-default) is CAP's overlay and ZS_STAGE (default zs100) the evaluation's, e.g. issue 12's
+# whole grid at four densities without zero-shot:
+#   CAP_STAGE=cap-grid ZS_STAGE=no-zeroshot STREAMS="sparse-grid lowrank-grid oats-grid bolaco-sslc paper" ...
 # Resumable: a second call with the same arguments finishes what the first left (results/ stays on a warm
 # machine). Stage overlays are in benchmarks/gpu/stages; every process runs over config/comparison.yaml
 # (128 x 512 calibration, whole held-out text). Summaries are written at the end of every call.
@@ -19,6 +22,7 @@
 # key, and --rerun-triggers mtime keeps the phases from redoing each other's jobs).
 set -uo pipefail
 model=$1 budget=$2 out=$3
+cap=${CAP_STAGE:-cap-default} zs=${ZS_STAGE:-zs100}
 st=benchmarks/gpu/stages
 start=$(date +%s)
 export GLRS_GPU_LOCKS=0 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -39,19 +43,19 @@ sm() {  # sm NAME SNAKEMAKE-OPTIONS... -- OVERLAYS...   (device=auto unless DEVI
     echo "$name: exit $? at $(( $(date +%s) - start )) s" | tee -a "$out/status.log"
 }
 o=(--omit-from summarize)
-TARGETS="activations calibrate" sm prep --cores 16 -- cap-default zs100
-[[ -f $out/cap_step.json ]] || {   # seconds per Stage-2 step on this GPU (issue 11's benchmark), once
+TARGETS="activations calibrate" sm prep --cores 16 -- "$cap" "$zs"
+[[ -f $out/cap_step.json || ${CAP_STEP:-1} == 0 ]] || {   # seconds per Stage-2 step on this GPU (issue 11's benchmark), once
     timeout 180 python3 benchmarks/cap_step.py --model-dir results/model/* --stats-dir results/stats/*/* \
         --calib results/calib/*/*.safetensors > "$out/cap_step.log" 2>&1
     cp results/benchmarks/cap_step.json "$out/" 2>/dev/null
 } &
 {   # CAP: Stage 2 on the GPU, realisation on the CPU cores, then materialise + evaluate on the GPU
-    sm c-alloc --cores 3 --resources gpu=3 --until allocate -- cap-default zs100
-    DEVICE=cpu sm c-realise --cores 12 --until realise -- cap-default zs100
-    sm c-eval --cores 4 --resources gpu=4 "${o[@]}" -- cap-default zs100
+    sm c-alloc --cores 3 --resources gpu=3 --until allocate -- "$cap" "$zs"
+    DEVICE=cpu sm c-realise --cores 12 --until realise -- "$cap" "$zs"
+    sm c-eval --cores 4 --resources gpu=4 "${o[@]}" -- "$cap" "$zs"
 } &
 for stage in ${STREAMS:-oats-0.1 baselines3 paper}; do
-    { sm "$stage" --cores 2 --resources gpu=2 "${o[@]}" -- "$stage" zs100; } &
+    { sm "$stage" --cores 2 --resources gpu=2 "${o[@]}" -- "$stage" "$zs"; } &
 done
 wait
 left=$(( budget - ($(date +%s) - start) ))

@@ -419,8 +419,10 @@ def _allocate_budgets(pools, density, p, seed, model_dir, calib_ids, dev, stats_
     layers = sorted({q.layer for q in pools})
     if len(stats_files) != len(layers):
         raise GlrsError(f"CAP: {len(stats_files)} activation-statistics files for {len(layers)} layers")
-    H_of = dict(zip(layers, (stats.read_layer(f) for f in stats_files)))
-    H_diag = [torch.diagonal(H_of[q.layer][q.short]).float().clone() for q in pools]
+    diag_of = {}  # layer by layer: only H's diagonals stay (every layer's H is ~1 GB at 8B)
+    for layer, path in zip(layers, stats_files):
+        diag_of[layer] = {short: torch.diagonal(H).float().clone() for short, H in stats.read_layer(path).items()}
+    H_diag = [diag_of[q.layer][q.short] for q in pools]
     budgets, info = learn_budgets([q.name for q in pools], [q.layer for q in pools], [q.shape for q in pools],
                                   budget, p, seed, model_dir, calib_ids, H_diag, dev)
     budget_of = dict(zip((q.name for q in pools), budgets))

@@ -132,3 +132,19 @@ def test_a_missing_model_is_a_clear_error(tmp_path):
         Stage1.from_weights(tmp_path / "nope", [0], RPCA_KEY).check_readable()
     with pytest.raises(GlrsError, match="no Stage-1 files"):
         Stage1.from_files([])
+
+
+def test_budget_only_pools_count_the_candidates_without_reading_a_weight(both, monkeypatch):
+    """pools(values=False) under rpca.method none: the same names, shapes and counts as the full pools, from the
+    checkpoint's headers (no weight read, no sort; ~56 GB of float64 at 8B), and no value to misuse."""
+    from glrs import modelio
+
+    _, from_weights, _ = both
+    full = from_weights.pools()
+    monkeypatch.setattr(modelio, "read_layer", lambda *a, **k: pytest.fail("read a weight"))
+    light = from_weights.pools(values=False)
+    assert [(p.name, p.layer, p.short, p.shape, p.sigma.numel(), p.s_abs.numel()) for p in light] == \
+        [(p.name, p.layer, p.short, p.shape, p.sigma.numel(), p.s_abs.numel()) for p in full]
+    assert all(p.s_abs.is_meta for p in light)
+    assert pipeline._budgets_only("uniform", {}) and pipeline._budgets_only("cap", {})
+    assert not pipeline._budgets_only("rpca-threshold", {}) and not pipeline._budgets_only("cap", {"policy": "entry"})
