@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=f"{what}, one line per method, from summary.csv")
         s.add_argument("--summary", required=True)
         s.add_argument("--out", required=True)
+        if name == "plot-ppl":
+            s.add_argument("--ymax", type=float, help="cut the perplexity axis here (diverged methods drawn on the edge)")
 
     s = sub.add_parser("plot-stage-times", help="wall time per rule from Snakemake's benchmark files")
     s.add_argument("--bench", default="results/bench")
@@ -270,7 +272,7 @@ def run(args: argparse.Namespace) -> None:
     elif c == "plot-ppl":
         from .plots import plot_ppl_vs_density
 
-        plot_ppl_vs_density(args.summary, args.out)
+        plot_ppl_vs_density(args.summary, args.out, args.ymax)
     elif c == "plot-zeroshot":
         from .plots import plot_zeroshot_vs_density
 

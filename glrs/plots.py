@@ -152,10 +152,22 @@ def _read_summary(summary_csv: str | Path) -> list[dict]:
     return list(csv.DictReader(Path(summary_csv).read_text().splitlines()))
 
 
-def series_label(row: dict, models: set[str]) -> str:
-    """'cap/<allocator>' for CAP rows, the method name otherwise (prefixed by the model when several)."""
+def series_label(row: dict, models: set[str], split_variants: set[str] = frozenset()) -> str:
+    """'cap/<allocator>' for CAP rows, the method name otherwise (prefixed by the model when several);
+    labels in `split_variants` (several variants in one table, e.g. the paper as written beside CAP's
+    default) get their variant appended, so that each variant is its own line."""
     label = f"{row['method']}/{row['allocator']}" if row["method"] == "cap" and row.get("allocator") else row["method"]
+    if label in split_variants and row.get("variant"):
+        label += f" ({row['variant']})"
     return f"{Path(str(row['model'])).name}: {label}" if len(models) > 1 else label
+
+
+def _labels_with_several_variants(rows: list[dict], models: set[str]) -> set[str]:
+    variants: dict[str, set[str]] = {}
+    for r in rows:
+        if r["method"] != "dense":
+            variants.setdefault(series_label(r, models), set()).add(r.get("variant") or "")
+    return {label for label, v in variants.items() if len(v) > 1}
 
 
 def _num(value) -> float | None:
@@ -166,11 +178,14 @@ def _num(value) -> float | None:
     return None if v != v else v
 
 
-def _metric_vs_density(rows: list[dict], metric, ylabel: str, title: str, logy: bool, protocol: str = ""):
+def _metric_vs_density(rows: list[dict], metric, ylabel: str, title: str, logy: bool, protocol: str = "",
+                       ymax: float | None = None):
     """One line per method (cap: per allocator) of metric(row) against achieved density; the dense
     model as a horizontal dashed line. When the rows hold several evaluation protocols (column
-    `protocol` of the summary), each gets its own lines, labelled with it. Returns the Figure."""
+    `protocol` of the summary), each gets its own lines, labelled with it. `ymax` cuts the axis there
+    (points above it are drawn on the edge, hollow). Returns the Figure."""
     models = {r["model"] for r in rows}
+    split = _labels_with_several_variants(rows, models)
     protocols = {r.get(protocol, "") for r in rows if metric(r) is not None} if protocol else set()
 
     def tag(r) -> str:
@@ -188,11 +203,16 @@ def _metric_vs_density(rows: list[dict], metric, ylabel: str, title: str, logy: 
             continue
         x = _num(r.get("achieved_density")) or _num(r.get("target_density"))
         if x is not None:
-            series.setdefault(series_label(r, models) + tag(r), []).append((x, y))
+            series.setdefault(series_label(r, models, split) + tag(r), []).append((x, y))
     colours = plt.get_cmap("tab20").colors  # distinct colours for up to 20 methods / allocators
     for i, label in enumerate(sorted(series)):
         pts = sorted(series[label])
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1.6, label=label, color=colours[2 * i % 20 + (2 * i // 20)])
+        colour = colours[2 * i % 20 + (2 * i // 20)]
+        ys = [p[1] if ymax is None else min(p[1], ymax) for p in pts]
+        ax.plot([p[0] for p in pts], ys, marker="o", lw=1.6, label=label, color=colour)
+        cut = [(p[0], ymax) for p in pts if ymax is not None and p[1] > ymax]
+        if cut:
+            ax.plot(*zip(*cut), ls="none", marker="o", mfc="white", color=colour)
     for model, y in dense:
         ax.axhline(y, ls="--", color="black", lw=1.2,
                    label=f"dense ({model})" if len(models) > 1 or len(protocols) > 1 else "dense")
@@ -205,11 +225,17 @@ def _metric_vs_density(rows: list[dict], metric, ylabel: str, title: str, logy: 
         low, high = ax.get_ylim()
         # Label minor ticks only when the axis spans less than a decade (else they overprint).
         ax.yaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())
+    if ymax is not None:
+        ax.set_ylim(top=ymax)
+        title += f"; axis cut at {ymax:g} (hollow: above)"
     ax.set_xlabel("achieved density (kept parameters / dense parameters of the target layers)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
-    if series or dense:
+    if len(series) > 8:  # a whole grid: the legend beside the axes, not over the lines
+        fig.set_size_inches(10.5, 4.8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    elif series or dense:
         ax.legend(fontsize=9, loc="best")
     else:
         ax.text(0.5, 0.5, "no results yet", ha="center", va="center", transform=ax.transAxes)
@@ -217,7 +243,7 @@ def _metric_vs_density(rows: list[dict], metric, ylabel: str, title: str, logy: 
     return fig
 
 
-def ppl_vs_density_figure(rows: list[dict]):
+def ppl_vs_density_figure(rows: list[dict], ymax: float | None = None):
     cols = sorted(c for c in (rows[0] if rows else {}) if c.startswith("ppl_"))
     col = cols[0] if cols else "ppl_"
     dataset = col[len("ppl_"):] or "?"
@@ -226,7 +252,7 @@ def ppl_vs_density_figure(rows: list[dict]):
         return _num(r.get(col))
 
     return _metric_vs_density(rows, metric, f"perplexity on {dataset} (log scale; lower is better)",
-                              f"Perplexity vs density ({dataset})", logy=True, protocol=f"eval_{dataset}")
+                              f"Perplexity vs density ({dataset})", logy=True, protocol=f"eval_{dataset}", ymax=ymax)
 
 
 def zeroshot_vs_density_figure(rows: list[dict]):
@@ -242,8 +268,8 @@ def zeroshot_vs_density_figure(rows: list[dict]):
                               f"Zero-shot accuracy vs density (mean over {tasks})", logy=False, protocol="zeroshot_limit")
 
 
-def plot_ppl_vs_density(summary_csv: str | Path, out: str | Path) -> None:
-    _save(ppl_vs_density_figure(_read_summary(summary_csv)), out)
+def plot_ppl_vs_density(summary_csv: str | Path, out: str | Path, ymax: float | None = None) -> None:
+    _save(ppl_vs_density_figure(_read_summary(summary_csv), ymax), out)
 
 
 def plot_zeroshot_vs_density(summary_csv: str | Path, out: str | Path) -> None:
