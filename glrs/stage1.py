@@ -116,8 +116,10 @@ class Stage1:
         return not self.files
 
     def keys(self) -> dict:
-        """Where the candidates live as keys under the results tree (an allocation's recorded inputs)."""
-        return {"model_key": self.model_key, "rpca_key": self.rpca_key, "layers": list(self.layers)}
+        """Where the candidates live as keys under the results tree (an allocation's recorded inputs), and
+        which source they came from (`stage1`: "files" or "weights", so that `glrs verify` reads the same)."""
+        return {"model_key": self.model_key, "rpca_key": self.rpca_key, "layers": list(self.layers),
+                "stage1": "weights" if self.splits_weights else "files"}
 
     def source(self, layer: int) -> str:
         """The file of one layer, or the model it is split from (for messages)."""

@@ -24,9 +24,9 @@ record no conditions (older files; stats and realise files so far) are recompute
 process's conditions and, where their bytes differ, compared numerically.
 
 Under `rpca.method: none` a run writes no Stage-1 file (glrs.stage1): there is nothing of kind
-`rpca` to check, and an allocation or a selected compressed model whose Stage-1 files are absent
-is recomputed from the model's weights when a compressed model of the same Stage-1 key records
-`pool=none` in its variant (else it is skipped: its inputs are gone).
+`rpca` to check; an allocation records which source it read (`inputs.stage1`: files or weights) and
+is recomputed from the same, and a selected compressed model whose Stage-1 files are absent is
+recomputed from the model's weights when it records `pool=none` in its variant.
 """
 from __future__ import annotations
 
@@ -238,13 +238,16 @@ def _check_realise(results: Path, path: Path, out: Path) -> dict:
 
 
 def _stage1(results: Path, keys: dict) -> tuple[Stage1, list[Path]]:
-    """The Stage 1 an allocation or a compressed model was made from (`keys`: model_key, rpca_key, layers),
-    and the Stage-1 files it needs (none when it is split from the weights). Its decompose files when
-    they are there; else, if a compressed model of that Stage-1 key says it was made under
-    rpca.method none (variant `pool=none`), the model's weights; else the (missing) files."""
+    """The Stage 1 an allocation or a compressed model was made from (`keys`: model_key, rpca_key, layers,
+    and `stage1`, the source an allocation records: "files" or "weights"), and the Stage-1 files it needs
+    (none when it is split from the weights). Without `stage1` (a compressed model's info, an older
+    allocation): its decompose files when they are there; else, if a compressed model of that Stage-1
+    key says it was made under rpca.method none (variant `pool=none`), the weights."""
     files = [results / "rpca" / keys["model_key"] / keys["rpca_key"] / f"layer_{i}.safetensors" for i in keys["layers"]]
     model_dir = results / "model" / keys["model_key"]
-    if not all(p.exists() for p in files) and _split_from_weights(results, keys["rpca_key"]):
+    source = keys.get("stage1")
+    if source == "weights" or (source is None and not all(p.exists() for p in files)
+                               and _split_from_weights(results, keys["rpca_key"])):
         return Stage1.from_weights(model_dir, keys["layers"], keys["rpca_key"]), []
     return Stage1.from_files(files), files
 

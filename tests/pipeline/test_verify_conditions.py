@@ -84,7 +84,7 @@ def test_outputs_record_their_conditions(results):
     assert {"torch", "blas", "lapack", "cpu_capability", "cpu_flags"} <= set(cond)
     alloc = json.loads(next(results.glob("alloc/*.json")).read_text())
     assert alloc["conditions"]["threads"] == JOB_THREADS
-    assert set(alloc["inputs"]) == {"model_key", "rpca_key", "layers"}
+    assert set(alloc["inputs"]) == {"model_key", "rpca_key", "layers", "stage1"} and alloc["inputs"]["stage1"] == "files"
     comps = list(results.glob("compressed/*/conditions.json"))
     assert len(comps) == 2 and all(json.loads(c.read_text())["threads"] == JOB_THREADS for c in comps)
     with safe_open(str(next(results.glob("calib/*/*.safetensors"))), framework="pt") as f:

@@ -37,6 +37,13 @@ def both(tiny_prepared, tmp_path_factory):
     return Stage1.from_files(files), Stage1.from_weights(tiny_prepared, LAYERS, RPCA_KEY), root
 
 
+def _without_source(alloc_json: Path) -> bytes:
+    """An allocation's canonical bytes without the one field that names where Stage 1 was read from."""
+    info = json.loads(alloc_json.read_text())
+    assert info["inputs"].pop("stage1") in ("files", "weights")
+    return cas.canonical_json(info).encode()
+
+
 def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
@@ -44,7 +51,7 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_the_split_equals_the_decompose_file_of_the_same_layer(both):
     from_files, from_weights, _ = both
     assert not from_files.splits_weights and from_weights.splits_weights
-    assert from_files.keys() == from_weights.keys()
+    assert {**from_files.keys(), "stage1": "weights"} == from_weights.keys() and from_files.keys()["stage1"] == "files"
     for layer in LAYERS:
         meta_f, t_f = from_files.layer(layer)
         meta_w, t_w = from_weights.layer(layer)
@@ -85,10 +92,13 @@ def test_allocation_and_selected_model_are_byte_identical_without_the_files(both
                                str(d / "a.json"), str(d / "a.safetensors"))
         pipeline.materialize(str(tiny_prepared), source, str(d / "a.safetensors"), str(d / "a.json"),
                              {"method": "cap", "allocator": allocator}, str(d / "c"))
-        out[name] = {str(p.relative_to(d)): cas.sha256_file(p) for p in sorted(d.rglob("*")) if p.is_file()}
+        out[name] = {str(p.relative_to(d)): cas.sha256_file(p) for p in sorted(d.rglob("*"))
+                     if p.is_file() and p.name != "a.json"} | {"a.json": _without_source(d / "a.json")}
     assert out["weights"] == out["files"]
     info = json.loads((tmp_path / "weights" / "a.json").read_text())
-    assert info["inputs"] == {"model_key": Path(tiny_prepared).name, "rpca_key": RPCA_KEY, "layers": LAYERS}
+    assert info["inputs"] == {"model_key": Path(tiny_prepared).name, "rpca_key": RPCA_KEY, "layers": LAYERS,
+                              "stage1": "weights"}
+    assert json.loads((tmp_path / "files" / "a.json").read_text())["inputs"]["stage1"] == "files"
     assert abs(info["achieved_density"] - 0.5) < 1e-3
     assert all(m["rank_available"] == 0 for m in info["matrices"].values())
 
@@ -107,7 +117,7 @@ def test_cap_allocation_is_byte_identical_without_the_files(both, tiny_prepared,
         info = pipeline.run_allocator(source, "cap", 0.5, params, 0, str(tiny_prepared), str(calib),
                                       str(d / "a.json"), str(d / "a.safetensors"), device="cpu")
         assert info["stage2"]["steps"] == 2
-        got[name] = ((d / "a.json").read_bytes(), (d / "a.safetensors").read_bytes())
+        got[name] = (_without_source(d / "a.json"), (d / "a.safetensors").read_bytes())
     assert got["weights"] == got["files"]
 
 
