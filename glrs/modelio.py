@@ -228,32 +228,30 @@ def read_manifest(model_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-def layer_shapes(model_dir: str | os.PathLike, layer: int) -> dict[str, tuple[int, int]]:
-    """The target matrices' shapes of one decoder layer, from the safetensors headers (no weight is read)."""
-    model_dir = Path(model_dir)
+def _layer_targets(model_dir: Path, layer: int) -> list[tuple[str, str, Path]]:
+    """(short, weight name, shard file) of the target matrices of one decoder layer; a clear error when
+    the layer is out of range."""
     n = read_manifest(model_dir)["num_layers"]
     if not 0 <= layer < n:
         raise GlrsError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1})")
     wmap = _weight_map(model_dir)
+    return [(short, weight_name(layer, short), model_dir / wmap[weight_name(layer, short)]) for short in TARGETS]
+
+
+def layer_shapes(model_dir: str | os.PathLike, layer: int) -> dict[str, tuple[int, int]]:
+    """The target matrices' shapes of one decoder layer, from the safetensors headers (no weight is read)."""
     out = {}
-    for short in TARGETS:
-        name = weight_name(layer, short)
-        with _open(model_dir / wmap[name]) as f:
+    for short, name, path in _layer_targets(Path(model_dir), layer):
+        with _open(path) as f:
             out[short] = tuple(f.get_slice(name).get_shape())
     return out
 
 
 def read_layer(model_dir: str | os.PathLike, layer: int) -> dict[str, torch.Tensor]:
     """The target matrices of one decoder layer, read lazily from disk."""
-    model_dir = Path(model_dir)
-    n = read_manifest(model_dir)["num_layers"]
-    if not 0 <= layer < n:
-        raise GlrsError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1})")
-    wmap = _weight_map(model_dir)
     out = {}
-    for short in TARGETS:
-        name = weight_name(layer, short)
-        with _open(model_dir / wmap[name]) as f:
+    for short, name, path in _layer_targets(Path(model_dir), layer):
+        with _open(path) as f:
             t = f.get_tensor(name)
         check_finite(name, t)
         out[short] = t
