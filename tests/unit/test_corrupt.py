@@ -78,3 +78,44 @@ def test_truncated_calibration_file(stage_files, tiny_prepared, tmp_path):
         pipeline.compress_baseline(str(tiny_prepared), str(bad), "magnitude", 0.5, {}, 0, {"method": "magnitude"},
                                    str(tmp_path / "c"), device="cpu")
     assert not (tmp_path / "c").exists()
+
+
+# ---- CAP's default path: activation statistics and realised layers ------------------------------------
+
+@pytest.fixture(scope="module")
+def realised_files(stage_files, tiny_prepared):
+    """Statistics of every layer and the uniform allocation realised layer by layer (glrs.realise)."""
+    from glrs import realise, stats
+
+    tmp, _ = stage_files
+    ids = pipeline.load_calibration(tmp / "calib.safetensors")
+    stats.collect(str(tiny_prepared), ids, [0, 1, 2], str(tmp / "stats"))
+    stats_files = [str(stats.layer_file(tmp / "stats", i)) for i in range(3)]
+    files = []
+    for i in range(3):
+        files.append(str(tmp / f"realised_{i}.safetensors"))
+        realise.realise_layer(str(tiny_prepared), stats_files[i], str(tmp / "a.json"), i, {"iterations": 2}, files[-1])
+    return tmp, stats_files, files
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.6, 0.999])
+def test_truncated_statistics_file_stops_realise(realised_files, tiny_prepared, tmp_path, keep):
+    from glrs import realise
+
+    tmp, stats_files, _ = realised_files
+    bad = truncate(stats_files[1], tmp_path / "layer_1.safetensors", keep)
+    with pytest.raises(GlrsError, match=r"activation statistics .*layer_1\.safetensors.*rerun the activations job"):
+        realise.realise_layer(str(tiny_prepared), str(bad), str(tmp / "a.json"), 1, {"iterations": 2},
+                              str(tmp_path / "r.safetensors"))
+    assert not (tmp_path / "r.safetensors").exists()
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.6, 0.999])
+def test_truncated_realised_layer_stops_materialize_realised(realised_files, tiny_prepared, tmp_path, keep):
+    tmp, _, files = realised_files
+    pipeline.materialize_realised(str(tiny_prepared), files, str(tmp / "a.json"), {"method": "cap"}, str(tmp_path / "ok"))
+    bad = truncate(files[2], tmp_path / "realised_2.safetensors", keep)
+    with pytest.raises(GlrsError, match=r"cannot read realised layer .*realised_2\.safetensors.*rerun its realise job"):
+        pipeline.materialize_realised(str(tiny_prepared), files[:2] + [str(bad)], str(tmp / "a.json"),
+                                      {"method": "cap"}, str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists()

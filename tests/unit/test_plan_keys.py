@@ -154,7 +154,12 @@ PARAM_CHANGES = [
      lambda p: {f"alloc:{r.label}" for r in p.cap_runs if r.allocator == "uniform"}),
     ("cap.lr", "allocator_params.cap.lr", 0.5,
      lambda p: {f"alloc:{r.label}" for r in p.cap_runs if r.allocator == "cap"}),
+    ("cap.offset_scale", "allocator_params.cap.offset_scale", 1.0,  # the default policy's own settings
+     lambda p: {f"alloc:{r.label}" for r in p.cap_runs if r.allocator == "cap"}),
+    ("cap.pairs_per_step", "allocator_params.cap.pairs_per_step", 2,
+     lambda p: {f"alloc:{r.label}" for r in p.cap_runs if r.allocator == "cap"}),
     ("realise.iterations", "realise.iterations", 7, lambda p: {f"realise:{r.label}" for r in p.realised_runs}),
+    ("realise.rank_ratio", "realise.rank_ratio", 0.2, lambda p: {f"realise:{r.label}" for r in p.realised_runs}),
     ("wanda.batch_size", "method_params.wanda.batch_size", 8,
      lambda p: {f"comp:{r.label}" for r in p.baseline_runs if r.method == "wanda"}),
     ("evaluation.seqlen", "evaluation.seqlen", 128, lambda p: {f"eval:{d}" for d in p.eval_keys}),
@@ -197,3 +202,22 @@ def test_rpca_method_none_plans_no_stage1_files(base_config):
         assert p.allocate_inputs(run.alloc_key)["rpca"] == p.rpca_files
         assert p.stage1_args([0]) == f"--rpca {p.rpca_file(0)}"
     assert p.spectra_layers == [0]  # of plots.spectra_layers [0, 14, 29], the tiny model's 3 layers have 0
+
+
+BASELINES = ["magnitude", "wanda", "sparsegpt", "svd", "asvd", "svdllm", "oats", "bolaco", "sslc"]
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_every_baseline_code_version_reaches_exactly_its_runs(method, base_config, monkeypatch):
+    """A baseline's algorithm version (its `version`, else its module's VERSION) is in its compressed
+    keys: bumping it renews that method's runs and their metrics, nothing of the other methods."""
+    from glrs import methods
+
+    cfg = copy.deepcopy(base_config)
+    cfg["methods"] = ["cap", *BASELINES]
+    before_plan = glrs_plan.make_plan(copy.deepcopy(cfg))
+    impl = methods.get_method(method)
+    monkeypatch.setattr(impl, "version", methods.method_version(method) + 1, raising=False)
+    after = nodes(glrs_plan.make_plan(copy.deepcopy(cfg)))
+    roots = {f"comp:{r.label}" for r in before_plan.baseline_runs if r.method == method}
+    assert roots and changed(nodes(before_plan), after) == closure(before_plan, roots)
