@@ -97,3 +97,32 @@ def _isolated_hash_cache(tmp_path_factory, monkeypatch):
     """Keep the file-hash cache of tests out of the user's ~/.cache."""
     monkeypatch.setenv("GLRS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "glrs-cache"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def slow_dense(U, sigma, V, S_index, S_values, shape) -> torch.Tensor:
+    """W = U diag(sigma) V^T + S, S filled entry by entry: flat index i is row i // n, column i % n (the
+    slow obvious composition the exactness tests compare glrs's against)."""
+    m, n = shape
+    W = U.double() @ torch.diag(sigma.double()) @ V.double().T
+    for i, v in zip(S_index.tolist(), S_values.double().tolist()):
+        W[i // n, i % n] += v
+    return W
+
+
+TINY_RPCA_PARAMS = {"lambda_scale": 1.0, "tol": 1e-7, "max_iter": 500, "rho": 1.5, "mu_factor": 1.25, "dtype": "float64"}
+
+
+def tiny_decomposed(root: Path) -> dict:
+    """A 2-layer random Llama (vocabulary 96) saved under root/model and decomposed by the real Stage 1:
+    model_dir, files, pools and 6 x 24 seeded calibration ids (CAP's unit tests)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from glrs import allocate
+
+    model_dir = root / "model"
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    files = save_decomposed(LlamaForCausalLM(cfg), model_dir, TINY_RPCA_PARAMS)
+    ids = torch.randint(0, 96, (6, 24), generator=torch.Generator().manual_seed(1))
+    return {"model_dir": str(model_dir), "files": files, "pools": allocate.load_pools(files), "ids": ids}

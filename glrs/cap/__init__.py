@@ -189,7 +189,7 @@ from tqdm import tqdm
 
 from .. import allocate as _alloc
 from ..errors import GlrsError
-from .candidates import (_Engine, _Matrix, _load_model, _read_factors, activation_block_scores, block_scores,
+from .candidates import (_Engine, _load_model, _read_factors, activation_block_scores, block_scores, matrices,
                          build_blocks, space_budget)
 from .policy import BernoulliPolicy, TiedPolicy
 
@@ -344,15 +344,7 @@ def allocate_with_info(pools, density, params, seed, model_dir, stage1, calib_id
     if steps:
         dtype = getattr(torch, p["dtype"])
         model, modules = _load_model(model_dir, factors, dev, dtype)
-        mats, by_index = [], {}
-        for i, q in enumerate(pools):
-            by_index[i] = _Matrix(q, modules[q.name], factors[q.name])
-            mats.append(by_index[i])
-        for b, blk in enumerate(blocks):
-            if blk.kind == "rank":
-                by_index[blk.matrix].rank_block = b
-            else:
-                by_index[blk.matrix].sparse_blocks.append(b)
+        mats = matrices(pools, modules, factors, blocks)
         engine = _Engine(model, mats, blocks, dev, dtype)
         order_gen = torch.Generator().manual_seed(seed)
         batches = []

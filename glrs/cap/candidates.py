@@ -148,6 +148,17 @@ class _Matrix:
     sparse_blocks: list[int] = field(default_factory=list)
 
 
+def matrices(pools, modules, factors, blocks) -> list[_Matrix]:
+    """One _Matrix per pool (in pool order), each told which blocks are its rank block and its sparse blocks."""
+    mats = [_Matrix(q, modules[q.name], factors[q.name]) for q in pools]
+    for b, blk in enumerate(blocks):
+        if blk.kind == "rank":
+            mats[blk.matrix].rank_block = b
+        else:
+            mats[blk.matrix].sparse_blocks.append(b)
+    return mats
+
+
 def _read_factors(stage1_in, pools: list[_alloc.MatrixPool], space: str,
                   device: torch.device, offload: bool) -> dict[str, dict[str, torch.Tensor]]:
     """The parts of every pool's Stage-1 factors that `space` composes W~ from, by matrix name, from a

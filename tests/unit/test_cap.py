@@ -14,9 +14,8 @@ from glrs.cap import candidates as cap_candidates
 from glrs.cap import policy as cap_policy
 from glrs.errors import GlrsError
 
-from conftest import save_decomposed
+from conftest import tiny_decomposed
 
-RPCA_PARAMS = {"lambda_scale": 1.0, "tol": 1e-7, "max_iter": 500, "rho": 1.5, "mu_factor": 1.25, "dtype": "float64"}
 FAST = {"epochs": 1, "batch_size": 2, "policy": "tied"}  # 3 steps over 6 calibration sequences (Bernoulli policies)
 
 
@@ -25,18 +24,8 @@ FAST = {"epochs": 1, "batch_size": 2, "policy": "tied"}  # 3 steps over 6 calibr
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A saved tiny random Llama, its per-layer RPCA files, pools and calibration ids."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("cap_tiny")
-    model_dir = root / "model"
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    files = save_decomposed(LlamaForCausalLM(cfg), model_dir, RPCA_PARAMS)
-    pools = allocate.load_pools(files)
-    ids = torch.randint(0, 96, (6, 24), generator=torch.Generator().manual_seed(1))
-    return {"model_dir": str(model_dir), "files": files, "pools": pools, "ids": ids,
-            "dense": sum(p.dense for p in pools)}
+    t = tiny_decomposed(tmp_path_factory.mktemp("cap_tiny"))
+    return t | {"dense": sum(p.dense for p in t["pools"])}
 
 
 def run(tiny, density, params=None, seed=0, space="cap"):
@@ -347,12 +336,7 @@ def test_engine_loss_with_everything_kept_is_the_dense_loss(tiny):
     blocks = cap_candidates.build_blocks(pools, "cap", 1)
     factors = cap_candidates._read_factors(tiny["files"], pools, "cap", dev, offload=False)
     model, modules = cap_candidates._load_model(tiny["model_dir"], factors, dev, torch.float32)
-    mats = [cap_candidates._Matrix(p, modules[p.name], factors[p.name]) for p in pools]
-    for b, blk in enumerate(blocks):
-        if blk.kind == "rank":
-            mats[blk.matrix].rank_block = b
-        else:
-            mats[blk.matrix].sparse_blocks.append(b)
+    mats = cap_candidates.matrices(pools, modules, factors, blocks)
 
     class AllOn:
         def mask(self, b):

@@ -25,27 +25,18 @@ from glrs.cap import candidates as cap_candidates
 from glrs.cap import policy as cap_policy
 from glrs.methods.base import capped_split
 
-from conftest import save_decomposed
+from conftest import slow_dense, tiny_decomposed
 
-RPCA_PARAMS = {"lambda_scale": 1.0, "tol": 1e-7, "max_iter": 500, "rho": 1.5, "mu_factor": 1.25, "dtype": "float64"}
 ENTRY = {"policy": "entry", "epochs": 1, "batch_size": 2, "samples_per_step": 2, "baseline": "loo", "init": "magnitude"}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random Llama decomposed by the real Stage 1, its pools, calibration ids and statistics."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("cap_learning")
-    model_dir = root / "model"
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    files = save_decomposed(LlamaForCausalLM(cfg), model_dir, RPCA_PARAMS)
-    ids = torch.randint(0, 96, (6, 24), generator=torch.Generator().manual_seed(1))
-    stats.collect(str(model_dir), ids, [0, 1], str(root / "stats"))
-    return {"model_dir": str(model_dir), "files": files, "pools": allocate.load_pools(files), "ids": ids,
-            "stats": [str(stats.layer_file(root / "stats", i)) for i in range(2)]}
+    t = tiny_decomposed(root)
+    stats.collect(t["model_dir"], t["ids"], [0, 1], str(root / "stats"))
+    return t | {"stats": [str(stats.layer_file(root / "stats", i)) for i in range(2)]}
 
 
 def run(tiny, params, space="cap", density=0.5, with_stats=False):
@@ -58,14 +49,6 @@ def same(a: allocate.Allocation, b: allocate.Allocation) -> bool:
                for k in a.rank_keep)
 
 
-def slow_dense(U, sigma, V, S_index, S_values, shape) -> torch.Tensor:
-    m, n = shape
-    W = U.double() @ torch.diag(sigma.double()) @ V.double().T
-    for i, v in zip(S_index.tolist(), S_values.double().tolist()):
-        W[i // n, i % n] += v
-    return W
-
-
 # ---- the paper's entry policy -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("space", ["cap", "lowrank-only", "sparse-only"])
@@ -76,12 +59,7 @@ def test_the_scored_model_holds_exactly_the_sampled_candidates(tiny, space):
     blocks = cap_candidates.build_blocks(pools, space, 1)
     factors = cap_candidates._read_factors(tiny["files"], pools, space, dev, offload=False)
     model, modules = cap_candidates._load_model(tiny["model_dir"], factors, dev, torch.float32)
-    mats = [cap_candidates._Matrix(p, modules[p.name], factors[p.name]) for p in pools]
-    for b, blk in enumerate(blocks):
-        if blk.kind == "rank":
-            mats[blk.matrix].rank_block = b
-        else:
-            mats[blk.matrix].sparse_blocks.append(b)
+    mats = cap_candidates.matrices(pools, modules, factors, blocks)
     pol = cap_policy.BernoulliPolicy([b.nvar for b in blocks], [b.cost for b in blocks],
                                      allocate.budget_for(pools, 0.5), seed=3)
     pol.set_probs([torch.full((b.nvar,), 0.5) for b in blocks], project=False)

@@ -26,25 +26,15 @@ from glrs import allocate, compressed, pipeline
 from glrs.methods import get_method
 from glrs.methods.base import target_shapes
 
+from conftest import slow_dense
+
 transformers = pytest.importorskip("transformers")
 
 # Fast, unconverged RPCA: exactness of the composition does not need a converged decomposition.
 RPCA = {"lambda_scale": 1.0, "tol": 1e-4, "max_iter": 30, "rho": 1.5, "mu_factor": 1.25, "dtype": "float64"}
 SHAPES = [(12, 12), (12, 20), (20, 12)]
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def slow_dense(U, sigma, V, S_index, S_values, shape) -> torch.Tensor:
-    """W = U diag(sigma) V^T + S, S filled entry by entry: flat index i is row i // n, column i % n."""
-    m, n = shape
-    U, sigma, V = U.double(), sigma.double(), V.double()
-    W = U @ torch.diag(sigma) @ V.T
-    S = torch.zeros(m, n, dtype=torch.float64)
-    for i, v in zip(S_index.tolist(), S_values.double().tolist()):
-        S[i // n, i % n] += v
-    return W + S
 
 
 def random_factors(m, n, r, k, seed):

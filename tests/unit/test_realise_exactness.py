@@ -26,6 +26,8 @@ from safetensors import safe_open
 
 from glrs import cas, compressed, modelio, pipeline, realise, stats
 
+from conftest import slow_dense
+
 transformers = pytest.importorskip("transformers")
 
 RANK, PER_ROW = 2, 2
@@ -33,15 +35,6 @@ PARAMS = {"rank_ratio": 0.8, "iterations": 40}  # every tiny-Llama shape: budget
 PARTS = ("U", "sigma", "V", "S_index", "S_values")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def slow_dense(U, sigma, V, S_index, S_values, shape) -> torch.Tensor:
-    """W = U diag(sigma) V^T + S, S filled entry by entry: flat index i is row i // n, column i % n."""
-    m, n = shape
-    W = U.double() @ torch.diag(sigma.double()) @ V.double().T
-    for i, v in zip(S_index.tolist(), S_values.double().tolist()):
-        W[i // n, i % n] += v
-    return W
 
 
 def planted_weight(m: int, n: int, g: torch.Generator) -> torch.Tensor:
