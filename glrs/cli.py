@@ -70,13 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json-out", required=True)
     s.add_argument("--masks-out", required=True)
 
-    s = sub.add_parser("materialize", help="write the factored and the dense compressed model")
+    s = sub.add_parser("materialize", help="write the compressed model (compact format) from the kept Stage-1 candidates")
     s.add_argument("--model-dir", required=True)
     _add_stage1(s)
     s.add_argument("--masks", required=True)
     s.add_argument("--alloc-json", required=True)
     s.add_argument("--run-info", type=_json, default={})
     s.add_argument("--out", required=True)
+    s.add_argument("--export", default="none", choices=("none", "dense"), help="dense: also write a plain HF checkpoint under hf/")
 
     s = sub.add_parser("activations", help="input second moments of every target of the dense model, one file per layer")
     s.add_argument("--model-dir", required=True)
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--alloc-json", required=True)
     s.add_argument("--run-info", type=_json, default={})
     s.add_argument("--out", required=True)
+    s.add_argument("--export", default="none", choices=("none", "dense"), help="dense: also write a plain HF checkpoint under hf/")
 
     s = sub.add_parser("compress", help="run a baseline method (glrs.methods) at a target density")
     s.add_argument("--model-dir", required=True)
@@ -111,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-info", type=_json, default={})
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True)
+    s.add_argument("--export", default="none", choices=("none", "dense"), help="dense: also write a plain HF checkpoint under hf/")
 
-    s = sub.add_parser("evaluate-ppl", help="perplexity of a model directory")
+    s = sub.add_parser("evaluate-ppl", help="perplexity of a model directory (a compressed one as it loads: glrs.load)")
     s.add_argument("--model", required=True)
     s.add_argument("--info", help="info.json of a compressed model")
     s.add_argument("--dataset", required=True)
@@ -207,7 +210,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"{args.allocator}: target density {info['target_density']}, achieved {info['achieved_density']:.5f}")
     elif c == "materialize":
         pipeline.check_readable(args.masks, "allocation masks", "delete it and its .json and rerun its allocate job")
-        pipeline.materialize(args.model_dir, _stage1(args), args.masks, args.alloc_json, args.run_info, args.out)
+        pipeline.materialize(args.model_dir, _stage1(args), args.masks, args.alloc_json, args.run_info, args.out, args.export)
     elif c == "activations":
         pipeline.collect_activations(args.model_dir, args.calib, args.layers, args.out_dir, args.device)
     elif c == "realise":
@@ -219,10 +222,10 @@ def run(args: argparse.Namespace) -> None:
             print(f"layer {args.layer} {short}: rank {m['rank']}, nnz {m['nnz']}, output error "
                   f"{m['error_before_refit']:.4g} -> {m['error']:.4g} after the refit")
     elif c == "materialize-realised":
-        pipeline.materialize_realised(args.model_dir, args.realised, args.alloc_json, args.run_info, args.out)
+        pipeline.materialize_realised(args.model_dir, args.realised, args.alloc_json, args.run_info, args.out, args.export)
     elif c == "compress":
         info = pipeline.compress_baseline(args.model_dir, args.calib, args.method, args.density, args.params, args.seed,
-                                          args.run_info, args.out, args.device)
+                                          args.run_info, args.out, args.device, args.export)
         print(f"{args.method}: target density {args.density}, achieved {info['achieved_density']:.5f}")
     elif c == "evaluate-ppl":
         rec = pipeline.evaluate_ppl(args.model, args.info, args.dataset, args.seqlen, args.max_tokens, args.dtype,

@@ -171,19 +171,16 @@ def kept_factors(layer_tensors: dict[str, torch.Tensor], short: str, rank_keep: 
 
 
 def materialize(model_dir: str, stage1_in: Stage1 | list[str], masks_file: str, alloc_json: str, run_info: dict,
-                out: str) -> dict:
-    """Factored checkpoint + dense Hugging Face export of the compressed model: the kept Stage-1
-    candidates (from a glrs.stage1.Stage1, or a list of decompose files)."""
+                out: str, export: str = "none") -> dict:
+    """The compressed model (glrs.compressed) of the kept Stage-1 candidates (from a glrs.stage1.Stage1,
+    or a list of decompose files): the paper's realise.mode select."""
     masks = allocate.load_masks(masks_file)
     alloc_info = json.loads(Path(alloc_json).read_text())
-    factors, dense_weights, shapes = {}, {}, {}
+    factors, shapes = {}, {}
     for meta, tensors in Stage1.of(stage1_in).read():
         for short, m in meta["matrices"].items():
-            name = m["name"]
-            parts = kept_factors(tensors, short, masks.rank_keep[name], masks.sparse_keep[name])
-            factors[name] = parts
-            shapes[name] = m["shape"]
-            dense_weights[name] = compressed.compose(**parts, shape=tuple(m["shape"]))
+            factors[m["name"]] = kept_factors(tensors, short, masks.rank_keep[m["name"]], masks.sparse_keep[m["name"]])
+            shapes[m["name"]] = m["shape"]
     info = _model_record(
         model_dir, run_info,
         target_density=alloc_info["target_density"],
@@ -191,34 +188,45 @@ def materialize(model_dir: str, stage1_in: Stage1 | list[str], masks_file: str, 
         params_kept=compressed.factored_parameter_count(factors),
         params_dense=alloc_info["params_dense"],
     )
-    _write_compressed(out, model_dir, factors, dense_weights, info, shapes)
-    return info
+    return _write_compressed(out, model_dir, _by_layer(factors, shapes), info, export=export)
 
 
-def materialize_realised(model_dir: str, realised_files: list[str], alloc_json: str, run_info: dict, out: str) -> dict:
-    """The compressed model from the per-layer realisation jobs (glrs.realise), same layout as `materialize`."""
+def materialize_realised(model_dir: str, realised_files: list[str], alloc_json: str, run_info: dict, out: str,
+                         export: str = "none") -> dict:
+    """The compressed model from the per-layer realisation jobs (glrs.realise), streamed one layer file at
+    a time into the compact format: only one layer's factors are held."""
     from . import realise
 
     alloc_info = json.loads(Path(alloc_json).read_text())
-    factors, dense_weights, shapes = {}, {}, {}
-    for path in realised_files:
-        meta, layer_factors = realise.read_realised(path)
-        for rec in meta["matrices"].values():
-            name = rec["name"]
-            factors[name] = layer_factors[name]
-            shapes[name] = rec["shape"]
-            dense_weights[name] = compressed.compose(**factors[name], shape=tuple(rec["shape"]))
-    kept = compressed.factored_parameter_count(factors)
-    info = _model_record(
-        model_dir, run_info,
-        target_density=alloc_info["target_density"],
-        achieved_density=kept / alloc_info["params_dense"],
-        params_kept=kept,
-        params_dense=alloc_info["params_dense"],
-        realisation=meta["params"],
-    )
-    _write_compressed(out, model_dir, factors, dense_weights, info, shapes)
-    return info
+    counted = {"kept": 0, "params": None}
+
+    def layers():
+        for path in realised_files:
+            meta, layer_factors = realise.read_realised(path)
+            counted["kept"] += compressed.factored_parameter_count(layer_factors)
+            counted["params"] = meta["params"]
+            yield meta["layer"], layer_factors, {rec["name"]: rec["shape"] for rec in meta["matrices"].values()}
+
+    def record():
+        return _model_record(
+            model_dir, run_info,
+            target_density=alloc_info["target_density"],
+            achieved_density=counted["kept"] / alloc_info["params_dense"],
+            params_kept=counted["kept"],
+            params_dense=alloc_info["params_dense"],
+            realisation=counted["params"],
+        )
+
+    return _write_compressed(out, model_dir, layers(), record, export=export)
+
+
+def _by_layer(factors: dict, shapes: dict):
+    """(layer, name -> parts, name -> shape) in layer order, from whole-model dicts."""
+    layers: dict[int, list[str]] = {}
+    for name in factors:
+        layers.setdefault(int(name.split(".")[2]), []).append(name)
+    for i in sorted(layers):
+        yield i, {n: factors[n] for n in layers[i]}, {n: list(shapes[n]) for n in layers[i]}
 
 
 def _model_record(model_dir: str, run_info: dict, **fields) -> dict:
@@ -227,20 +235,34 @@ def _model_record(model_dir: str, run_info: dict, **fields) -> dict:
     return {**run_info, "model": manifest["spec"], "model_fp": manifest["fingerprint"], **fields}
 
 
-def _write_compressed(out: str, model_dir: str, factors: dict | None, dense_weights: dict, info: dict,
-                      shapes: dict, device: str = "cpu") -> None:
-    """Factored checkpoint (when the method has one), dense HF export, info.json and conditions.json
-    (glrs.conditions: what the bytes depend on), all or nothing."""
+def _write_compressed(out: str, model_dir: str, layers, info, device: str = "cpu", export: str = "none") -> dict:
+    """The compact checkpoint (glrs.compressed), info.json (with the bytes shipped) and conditions.json
+    (glrs.conditions: what the bytes depend on), plus the dense export when asked; all or nothing.
+    `info`: the record, or a function giving it once `layers` is consumed."""
+    if export not in compressed.EXPORTS:
+        raise GlrsError(f"config key export: {export!r} is not one of {list(compressed.EXPORTS)}")
     with cas.atomic_dir(out) as tmp:
         cas.write_json_atomic(tmp / "conditions.json", conditions.current(device))
-        if factors is not None:
-            compressed.save_factored(factors, tmp / compressed.FACTORED, info | {"shapes": shapes})
-        compressed.write_dense_export(Path(model_dir), dense_weights, tmp / compressed.DENSE_DIR)
+        compressed.write_model(tmp, model_dir, layers)
+        info = info() if callable(info) else info
+        info = info | {"bytes": compressed.directory_bytes(tmp), "bytes_dense": _dense_bytes(model_dir)}
+        if export == "dense":
+            compressed.write_dense_export(tmp, tmp / compressed.DENSE_DIR)
         cas.write_json_atomic(tmp / "info.json", info)
+    return info
+
+
+def _dense_bytes(model_dir: str) -> dict[str, int]:
+    """The prepared model's bytes: its target matrices and its whole directory (what the compressed sizes compare with)."""
+    manifest = modelio.read_manifest(model_dir)
+    esize = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}[manifest.get("dtype", "float32")]
+    targets = sum(m * n for m, n in manifest["targets"].values()) * manifest["num_layers"]
+    total = sum(p.stat().st_size for p in Path(model_dir).iterdir() if p.is_file() and p.name != modelio.MANIFEST)
+    return {"targets": targets * esize, "directory": total}
 
 
 def compress_baseline(model_dir: str, calib_file: str, method: str, density: float, params: dict, seed: int,
-                      run_info: dict, out: str, device: str = "auto") -> dict:
+                      run_info: dict, out: str, device: str = "auto", export: str = "none") -> dict:
     """A baseline method (glrs.methods) at the same budget, written in the same layout as CAP's models."""
     from transformers import AutoModelForCausalLM
 
@@ -261,8 +283,8 @@ def compress_baseline(model_dir: str, calib_file: str, method: str, density: flo
         params_dense=sum(m * n for m, n in shapes.values()),
         details=result.details,
     )
-    _write_compressed(out, model_dir, result.factors, result.weights, info, {k: list(v) for k, v in shapes.items()}, used)
-    return info
+    factors = result.factors or {name: compressed.parts_from_dense(W) for name, W in result.weights.items()}
+    return _write_compressed(out, model_dir, _by_layer(factors, shapes), info, used, export)
 
 
 def dense_run_info(model_dir: str) -> dict:
@@ -276,16 +298,26 @@ def dense_run_info(model_dir: str) -> dict:
 
 # ---- Evaluation ---------------------------------------------------------------------------------
 
+def load_model(path: str, dtype: str, device: str):
+    """What evaluation runs: a compressed model as it loads from its compact files (glrs.compressed.load), so
+    the numbers are those of what a user ships; the prepared dense model as Hugging Face loads it."""
+    if compressed.is_compressed(path):
+        return compressed.load(path, device, dtype)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+
+
 def evaluate_ppl(model_path: str, info_file: str | None, dataset: str, seqlen: int, max_tokens: int | None,
                  dtype: str, out: str, device: str = "auto") -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from . import evaluate
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     text = data.load_text(dataset, "evaluation")
     with gpuslots.device_slot(device) as dev:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(dev).eval()
+        model = load_model(model_path, dtype, dev)
         result = evaluate.perplexity(model, data.tokenize(tokenizer, text), seqlen, max_tokens, dev)
     run = json.loads(Path(info_file).read_text()) if info_file else dense_run_info(model_path)
     record = {**run, "dataset": dataset, "split": text.split, "text_sha256": text.fingerprint, **result}

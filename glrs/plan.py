@@ -236,11 +236,13 @@ def _baseline_runs(config: dict, method: str, model_key: str, calib_key: str, la
 
     # Unknown settings stop the plan here; defaults are hashed too, so a changed default is a new key.
     params = methods.effective_params(method, config.get("method_params", {}).get(method, {}))
-    version = {"pipeline": str(BASELINE_VERSION), "method": str(methods.method_version(method))}
+    version = {"pipeline": str(BASELINE_VERSION), "method": str(methods.method_version(method)),
+               "format": str(compressed.MATERIALIZE_VERSION)}
     out = []
     for density in config["target_density"]:
         comp_key = cas.key_of("compress", BASELINE_VERSION, {"model": model_key, "calib": calib_key} | version,
-                              {"method": method, "density": density, "params": params, "seed": config["seed"]})
+                              {"method": method, "density": density, "params": params, "seed": config["seed"],
+                               "export": config.get("export", "none")})
         out.append(Run(method, "", density, "", comp_key, params))
     return out
 
@@ -285,7 +287,8 @@ def make_plan(config: dict) -> Plan:
                     realise_key = cas.key_of("realise", realise.REALISE_VERSION,
                                              {"model": model_key, "alloc": alloc_key, "stats": stats_key}, realise_params)
                     comp_inputs |= {"realise": realise_key}
-                comp_key = cas.key_of("materialize", compressed.MATERIALIZE_VERSION, comp_inputs, {})
+                comp_key = cas.key_of("materialize", compressed.MATERIALIZE_VERSION, comp_inputs,
+                                      {"export": config.get("export", "none")})
                 runs.append(Run(method, allocator, density, alloc_key, comp_key, params, realise_key))
 
     ev = config["evaluation"]

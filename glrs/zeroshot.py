@@ -490,12 +490,14 @@ def run_zeroshot(model_dir: str, tasks: list[str], out: str, device: str, limit:
                  n: int = DEFAULT_N, dtype: str = "float32") -> dict:
     """Zero-shot accuracies of the checkpoint in model_dir on `tasks`, written to `out` as JSON."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from .pipeline import load_model
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.time()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    model = load_model(model_dir, dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     record = evaluate_model(model, tokenizer, tasks, limit=limit, seed=seed, batch_size=batch_size,
                             task_dir=task_dir, dataset=dataset, n=n)

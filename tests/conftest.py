@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny randomly initialised Llama (mechanics) and the real embedded model (smoke)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -107,6 +108,39 @@ def slow_dense(U, sigma, V, S_index, S_values, shape) -> torch.Tensor:
     for i, v in zip(S_index.tolist(), S_values.double().tolist()):
         W[i // n, i % n] += v
     return W
+
+
+def slow_read_compressed(path: Path) -> dict[str, torch.Tensor]:
+    """Every target matrix of a compressed model directory, decoded the slow obvious way from the files
+    (glrs_format.json + safetensors, docs/format.md): U V^T, plus the values placed one by one at the
+    support's positions in row-major order (bit j of byte b of a row is column 8b + j; or row offsets and
+    columns); a dense-stored target as it is."""
+    from safetensors import safe_open
+
+    header = json.loads((path / "glrs_format.json").read_text())
+    out = {}
+    for name, rec in header["targets"].items():
+        m, n = rec["shape"]
+        with safe_open(str(path / rec["file"]), framework="pt") as f:
+            if rec["support"] == "dense":
+                out[name] = f.get_tensor(name).double()
+                continue
+            t = {k.removeprefix(name + "."): f.get_tensor(k) for k in f.keys() if k.startswith(name + ".")}
+        W = t["U"].double() @ t["V"].double().T
+        values = t["values"].double().tolist()
+        positions = []
+        if "bitmask" in t:
+            bits = t["bitmask"].tolist()
+            positions = [(i, 8 * b + j) for i in range(m) for b in range(len(bits[i])) for j in range(8)
+                         if (bits[i][b] >> j) & 1 and 8 * b + j < n]
+        elif "cols" in t:
+            offsets, cols = t["row_offsets"].tolist(), t["cols"].tolist()
+            positions = [(i, cols[p] & 0xFFFF) for i in range(m) for p in range(offsets[i], offsets[i + 1])]
+        assert len(positions) == len(values) == rec["nnz"], name
+        for (i, j), v in zip(positions, values):
+            W[i, j] += v
+        out[name] = W
+    return out
 
 
 TINY_RPCA_PARAMS = {"lambda_scale": 1.0, "tol": 1e-7, "max_iter": 500, "rho": 1.5, "mu_factor": 1.25, "dtype": "float64"}

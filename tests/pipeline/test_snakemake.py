@@ -91,10 +91,10 @@ def test_run_leaves_every_output(workdir):
     alloc = json.loads(next(res.glob("alloc/*.json")).read_text())
     assert {"rank", "nnz"} <= set(next(iter(alloc["matrices"].values())))
     comp = next(res.glob("compressed/*"))
-    assert (comp / "factored.safetensors").is_file()
-    from transformers import AutoModelForCausalLM
+    assert (comp / "glrs_format.json").is_file() and not (comp / "hf").exists()  # compact only, no dense export
+    import glrs
 
-    AutoModelForCausalLM.from_pretrained(comp / "hf")
+    glrs.load(comp)
     rows = list(csv.DictReader((res / "summary.csv").open()))
     by_method = {r["method"]: r for r in rows}
     assert set(by_method) == {"dense", "cap"}

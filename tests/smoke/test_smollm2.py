@@ -101,8 +101,8 @@ def cap_default_ratio(model_dir, work) -> tuple[float, float, dict]:
         realise.realise_layer(str(model_dir), stats_file, str(work / "a.json"), layer, {}, files[-1])
     pipeline.materialize_realised(str(model_dir), files, str(work / "a.json"), {"method": "cap"}, str(work / "c"))
     ppl = {}
-    for what, path in (("dense", model_dir), ("cap", work / "c" / "hf")):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for what, path in (("dense", model_dir), ("cap", work / "c")):
+        model = pipeline.load_model(str(path), "float32", "cpu")  # the compressed model as it ships (glrs.load)
         ppl[what] = evaluate.perplexity(model, ids, 1024, 2048, "cpu")["ppl"]
     return ppl["dense"], ppl["cap"], info
 

@@ -11,8 +11,8 @@ scratch copy and seen to fail):
   * sparse indices read transposed (column-major, idx % m / idx // m);
   * the low-rank part dropped;
   * U and V exchanged.
-The factored module's forward is also compared with x @ W^T of the dense
-export, on random inputs.
+The compact files are decoded the slow way (conftest.slow_read_compressed), and
+the loaded module's forward is compared with x @ W^T of the dense export.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from glrs import allocate, compressed, pipeline
 from glrs.methods import get_method
 from glrs.methods.base import target_shapes
 
-from conftest import slow_dense
+from conftest import slow_dense, slow_read_compressed
 
 transformers = pytest.importorskip("transformers")
 
@@ -54,7 +54,9 @@ def test_compose_and_module_equal_the_slow_composition(shape):
     f = random_factors(m, n, r=3, k=17, seed=m * 100 + n)
     want = slow_dense(**f, shape=shape)
     torch.testing.assert_close(compressed.compose(**f, shape=shape), want, rtol=1e-12, atol=1e-12)
-    module = compressed.LowRankSparseLinear(**f, shape=shape)
+    enc, rec = compressed.encode(f, shape, torch.float64)
+    assert rec["support"] != "dense" and rec["rank"] == 3 and rec["nnz"] == 17
+    module = compressed.LowRankSparseLinear.from_tensors(shape, enc)
     torch.testing.assert_close(module.dense_weight(), want, rtol=1e-12, atol=1e-12)
     x = torch.randn(2, 5, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     torch.testing.assert_close(module(x), x @ want.T, rtol=1e-10, atol=1e-10)
@@ -87,7 +89,7 @@ def materialized(tiny_prepared, tmp_path_factory):
     allocate.save(allocate.Allocation(rank_keep, sparse_keep), info, tmp / "a.json", tmp / "a.safetensors")
     out = tmp / "c"
     pipeline.materialize(str(tiny_prepared), files, str(tmp / "a.safetensors"), str(tmp / "a.json"),
-                         {"method": "cap", "allocator": "test"}, str(out))
+                         {"method": "cap", "allocator": "test"}, str(out), export="dense")
     return files, tmp / "a.safetensors", out, shapes
 
 
@@ -114,9 +116,8 @@ def test_materialized_weights_equal_the_kept_parts_of_stage_1(materialized, tiny
     files, masks_file, out, shapes = materialized
     want = _slow_expected(files, masks_file)
     assert {s for s in shapes.values()} >= {(32, 32), (16, 32), (64, 32), (32, 64)}  # square and non-square
-    with safe_open(str(out / compressed.FACTORED), framework="pt") as f:
-        factored = {name: compressed.compose(*(f.get_tensor(f"{name}.{p}") for p in ("U", "sigma", "V", "S_index", "S_values")),
-                                             shape=shapes[name]) for name in shapes}
+    factored = slow_read_compressed(out)
+    assert set(factored) == set(shapes)
     dense = {}
     for shard in (out / compressed.DENSE_DIR).glob("*.safetensors"):
         with safe_open(str(shard), framework="pt") as f:
@@ -137,14 +138,13 @@ def test_factored_forward_equals_dense_export_forward(materialized):
     files, masks_file, out, shapes = materialized
     want = _slow_expected(files, masks_file)
     g = torch.Generator().manual_seed(4)
-    with safe_open(str(out / compressed.FACTORED), framework="pt") as f:
-        for name, shape in shapes.items():
-            module = compressed.LowRankSparseLinear(*(f.get_tensor(f"{name}.{p}") for p in ("U", "sigma", "V", "S_index", "S_values")),
-                                                    shape=shape)
-            x = torch.randn(3, shape[1], generator=g)
-            torch.testing.assert_close(module(x).double(), x.double() @ want[name].T, rtol=1e-4, atol=1e-5)
+    factored_model = compressed.load(out)
+    for name, shape in shapes.items():
+        module = factored_model.get_submodule(name.removesuffix(".weight"))
+        assert isinstance(module, compressed.LowRankSparseLinear)
+        x = torch.randn(3, shape[1], generator=g)
+        torch.testing.assert_close(module(x).double(), x.double() @ want[name].T, rtol=1e-4, atol=1e-5)
     dense_model = transformers.AutoModelForCausalLM.from_pretrained(out / compressed.DENSE_DIR).eval()
-    factored_model = compressed.load_factored(out)
     ids = torch.randint(0, dense_model.config.vocab_size, (2, 16), generator=g)
     with torch.no_grad():
         torch.testing.assert_close(factored_model(ids).logits, dense_model(ids).logits, rtol=1e-4, atol=1e-4)
@@ -180,8 +180,12 @@ def test_baseline_factors_equal_its_weights(name, params):
         want = slow_dense(**f, shape=(m, n))
         scale = float(want.abs().max())
         torch.testing.assert_close(out.weights[key].double(), want, rtol=1e-4, atol=1e-5 * scale)
-        module = compressed.LowRankSparseLinear(**f, shape=(m, n))
-        x = torch.randn(3, n, generator=g)
+        enc, rec = compressed.encode(f, (m, n), torch.float64)
+        if rec["support"] == "dense":  # the compact form would not be smaller: stored as the matrix itself
+            module = lambda x, W=enc[""]: x @ W.T  # noqa: E731
+        else:
+            module = compressed.LowRankSparseLinear.from_tensors((m, n), enc)
+        x = torch.randn(3, n, generator=g).double()
         torch.testing.assert_close(module(x).double(), x.double() @ out.weights[key].double().T, rtol=1e-4,
                                    atol=1e-5 * scale * n ** 0.5)
         ranks += f["U"].shape[1]

@@ -117,7 +117,8 @@ VERSION_CHANGES = [
     ("cap", "glrs.cap", "CAP_VERSION", lambda p: {f"alloc:{r.label}" for r in p.cap_runs if r.allocator == "cap"}),
     ("stats", stats, "STATS_VERSION", lambda p: {"stats"}),
     ("realise", realise, "REALISE_VERSION", lambda p: {f"realise:{r.label}" for r in p.realised_runs}),
-    ("materialize", compressed, "MATERIALIZE_VERSION", lambda p: {f"comp:{r.label}" for r in p.cap_runs}),
+    # The compressed-model format is every method's output: its version reaches every compressed model.
+    ("materialize", compressed, "MATERIALIZE_VERSION", lambda p: {f"comp:{r.label}" for r in p.runs}),
     ("baseline", glrs_plan, "BASELINE_VERSION", lambda p: {f"comp:{r.label}" for r in p.baseline_runs}),
     ("wanda", "glrs.methods.wanda:Wanda", "version", lambda p: {f"comp:{r.label}" for r in p.baseline_runs if r.method == "wanda"}),
     ("eval", evaluate, "EVAL_VERSION", lambda p: {f"eval:{d}" for d in p.eval_keys}),
@@ -162,6 +163,7 @@ PARAM_CHANGES = [
     ("realise.rank_ratio", "realise.rank_ratio", 0.2, lambda p: {f"realise:{r.label}" for r in p.realised_runs}),
     ("wanda.batch_size", "method_params.wanda.batch_size", 8,
      lambda p: {f"comp:{r.label}" for r in p.baseline_runs if r.method == "wanda"}),
+    ("export", "export", "dense", lambda p: {f"comp:{r.label}" for r in p.runs}),  # hf/ is in the output
     ("evaluation.seqlen", "evaluation.seqlen", 128, lambda p: {f"eval:{d}" for d in p.eval_keys}),
     ("zeroshot.limit", "evaluation.zeroshot.limit", 10, lambda p: {"zeroshot"}),
 ]

@@ -12,6 +12,7 @@ rule compress:
     wildcard_constraints:
         comp_key=key_pattern(r.comp_key for r in PLAN.baseline_runs),
     params:
+        export=config.get("export", "none"),
         method=lambda wc: PLAN.run_by_comp_key(wc.comp_key).method,
         density=lambda wc: PLAN.run_by_comp_key(wc.comp_key).density,
         settings=lambda wc: shell_json(PLAN.run_by_comp_key(wc.comp_key).params),
@@ -27,4 +28,4 @@ rule compress:
     shell:
         "python -m glrs compress --model-dir {input.model} --calib {input.calib} --method {params.method} "
         "--density {params.density} --params {params.settings} --seed {params.seed} --run-info {params.info} "
-        "--device {params.device} --out {output} > {log} 2>&1"
+        "--device {params.device} --export {params.export} --out {output} > {log} 2>&1"

@@ -9,7 +9,7 @@ rule evaluate_ppl:
     output:
         f"{RESULTS}/metrics/{{target}}/ppl-{{dataset}}-{{eval_key}}.json",
     params:
-        model=lambda wc, input: input.model if wc.target == PLAN.dense_target else f"{input.model}/hf",
+        model=lambda wc, input: input.model,  # a compressed model is evaluated as it loads (glrs.load)
         info=lambda wc, input: "" if wc.target == PLAN.dense_target else f"--info {input.model}/info.json",
         dataset=lambda wc: PLAN.dataset_by_safe_name(wc.dataset),
         seqlen=config["evaluation"]["seqlen"],
@@ -37,7 +37,7 @@ rule evaluate_zeroshot:
     wildcard_constraints:
         zs_key=key_pattern([PLAN.zeroshot_key] if PLAN.zeroshot_key else []),
     params:
-        model=lambda wc, input: input.model if wc.target == PLAN.dense_target else f"{input.model}/hf",
+        model=lambda wc, input: input.model,  # a compressed model is evaluated as it loads (glrs.load)
         info=lambda wc, input: "" if wc.target == PLAN.dense_target else f"--info {input.model}/info.json",
         tasks=" ".join(PLAN.zeroshot_tasks),
         limit=lambda wc: f"--limit {config['evaluation']['zeroshot']['limit']}" if config["evaluation"].get("zeroshot", {}).get("limit") else "",

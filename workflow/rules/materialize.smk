@@ -1,4 +1,5 @@
-# The compressed model, twice: factored (U, sigma, V, sparse S) and a dense Hugging Face export.
+# The compressed model in glrs's compact format (glrs/compressed.py, docs/format.md): low rank + sparse values with a
+# bitmask or 16-bit column support; a dense Hugging Face export under hf/ only with `export: dense`.
 # `materialize` keeps the selected Stage-1 candidates (realise.mode select): from the Stage-1 files, or
 # under rpca.method none from the model's weights split in memory (no Stage-1 file is an input then).
 
@@ -16,6 +17,7 @@ rule materialize:
     wildcard_constraints:
         comp_key=key_pattern(r.comp_key for r in PLAN.cap_runs if not r.realise_key),
     params:
+        export=config.get("export", "none"),
         stage1=PLAN.stage1_args(),
         info=lambda wc: shell_json(PLAN.run_info(PLAN.run_by_comp_key(wc.comp_key))),
     log:
@@ -24,7 +26,7 @@ rule materialize:
         f"{RESULTS}/bench/materialize/{{comp_key}}.tsv"
     shell:
         "python -m glrs materialize --model-dir {input.model} {params.stage1} --masks {input.masks} "
-        "--alloc-json {input.json} --run-info {params.info} --out {output} > {log} 2>&1"
+        "--alloc-json {input.json} --run-info {params.info} --export {params.export} --out {output} > {log} 2>&1"
 
 
 rule materialize_realised:
@@ -40,6 +42,7 @@ rule materialize_realised:
     wildcard_constraints:
         comp_key=key_pattern(r.comp_key for r in PLAN.realised_runs),
     params:
+        export=config.get("export", "none"),
         info=lambda wc: shell_json(PLAN.run_info(PLAN.run_by_comp_key(wc.comp_key))),
     log:
         f"{RESULTS}/logs/materialize/{{comp_key}}.log",
@@ -47,4 +50,4 @@ rule materialize_realised:
         f"{RESULTS}/bench/materialize/{{comp_key}}.tsv"
     shell:
         "python -m glrs materialize-realised --model-dir {input.model} --realised {input.realised} "
-        "--alloc-json {input.json} --run-info {params.info} --out {output} > {log} 2>&1"
+        "--alloc-json {input.json} --run-info {params.info} --export {params.export} --out {output} > {log} 2>&1"
