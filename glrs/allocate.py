@@ -2,9 +2,10 @@
 
 All allocators share one budget: kept parameters of the target matrices =
 target_density * their dense count. A singular component of an m x n matrix
-costs m + n (sigma folded into a factor, as the CAP paper counts it; DESIGN.md
-says m + n + 1 -- the extra scalar is a storage detail, not a parameter of the
-factored form), a sparse entry costs 1 (its index is reported separately).
+costs m + n (sigma folded into a factor, as the CAP paper counts it; docs/design.md
+section 7 -- an earlier count of m + n + 1 added a scalar that is a storage detail,
+not a parameter of the factored form), a sparse entry costs 1 (its index is
+reported separately).
 
 Allocators (config `allocators`):
   uniform         the same density in every matrix, split by `rank_fraction`

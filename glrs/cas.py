@@ -2,7 +2,7 @@
 
 Every intermediate lives under a key derived from what made it: the keys of its
 inputs, its parameters and the version of the code that computed it
-(DESIGN.md section 4). Keys are computed before anything runs, so Snakemake can
+(docs/design.md section 4). Keys are computed before anything runs, so Snakemake can
 plan the whole DAG and find old outputs again when a parameter is reverted.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The conditions that decide a cached output's bytes, and how to hold them fixed.
 
-The content key of an output (DESIGN.md section 4) names its inputs, parameters and
+The content key of an output (docs/design.md section 4) names its inputs, parameters and
 code version. Floating-point results also depend on *where* they were computed:
 the device, the dtype, how many CPU threads split the reductions (a BLAS or a
 torch reduction adds its partial sums in an order that depends on the thread

@@ -1,4 +1,4 @@
-"""Perplexity by the protocol of Wanda and SparseGPT (DESIGN.md section 7).
+"""Perplexity by the protocol of Wanda and SparseGPT (docs/design.md section 7).
 
 The evaluation text is joined, tokenised once and cut into non-overlapping
 windows of `seqlen` tokens (the model's context if smaller); the last partial

@@ -1,6 +1,6 @@
 """The whole run, planned from the config before anything executes: every job's key and path.
 
-Keys chain (DESIGN.md section 4): the model key comes from the source's content
+Keys chain (docs/design.md section 4): the model key comes from the source's content
 hash; each later key hashes its input keys, its own parameters and its stage's
 code version. So changing target_density changes only allocation keys and
 below, while the RPCA files (keyed by model + RPCA parameters) are found again.

@@ -2,7 +2,7 @@
 
 Solves  min ||L||_* + lam ||S||_1  s.t.  W = L + S  (Lin, Chen & Ma 2010, Alg. 5),
 with lam = 1/sqrt(max(m, n)), mu_0 = 1.25/||W||_2, rho = 1.5 and the stopping
-rule ||W - L - S||_F / ||W||_F < tol (DESIGN.md section 5).
+rule ||W - L - S||_F / ||W||_F < tol (docs/design.md section 5).
 
 The cost of every iteration is a singular value threshold (SVT). A full SVD is
 wasteful there; two faster SVTs, both computed in float64 whatever `dtype` the

@@ -1,4 +1,4 @@
-"""results/summary.csv: every run in the results tree as one row (DESIGN.md section 7).
+"""results/summary.csv: every run in the results tree as one row (docs/design.md section 7).
 
 Rows are gathered from the metrics files, not from the current config, so a
 sweep run over several days (or several configs) reads as one table. Stage

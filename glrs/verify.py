@@ -1,4 +1,4 @@
-"""`glrs verify`: recompute a sample of every kind of cached output and compare (DESIGN.md section 4).
+"""`glrs verify`: recompute a sample of every kind of cached output and compare (docs/design.md section 4).
 
 The CI reproducibility check. What it promises: the same inputs, parameters and
 code, computed under the same conditions (glrs.conditions: device, dtype, CPU
@@ -44,7 +44,7 @@ from .stage1 import Stage1, read_rpca_layer
 
 KINDS = ("rpca", "calib", "stats", "alloc", "realise", "compressed")
 
-# What "agree" means when a condition differs, per kind (documented in README and printed by verify).
+# What "agree" means when a condition differs, per kind (docs/design.md section 4; printed by verify).
 TOLERANCE = {
     "rpca": 1e-5,        # ||L - L'||_F and ||S - S'||_F relative to ||L + S||_F, per matrix
     "calib": 0,          # token ids: exact

@@ -1,4 +1,4 @@
-"""Zero-shot accuracy through lm-eval (DESIGN.md sections 7 and 8).
+"""Zero-shot accuracy through lm-eval (docs/design.md sections 7 and 8).
 
 `run_zeroshot` loads a checkpoint directory, wraps the in-memory model in
 lm-eval's `HFLM` and calls `lm_eval.simple_evaluate` on named tasks:

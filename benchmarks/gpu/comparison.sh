@@ -2,7 +2,7 @@
 # The comparison grid through the real pipeline on a GPU machine (the device tool's H200), resumable:
 #   benchmarks/gpu/comparison.sh MODEL.gguf SECONDS OUTDIR [STAGES]
 # Each stage is one snakemake run over config/comparison.yaml overlaid with benchmarks/gpu/stages/STAGE.yaml
-# (the README's table names them); "grid" is comparison.yaml alone and "lambda" overlays
+# (docs/results-history.md names those each table used); "grid" is comparison.yaml alone and "lambda" overlays
 # config/comparison-lambda.yaml. Stages run in order until SECONDS have passed; then what finished
 # (summary, metrics, allocations, plots, logs, per-job wall times) is packed into OUTDIR/results.tgz.
 # On one GPU run with GLRS_GPU_LOCKS=0 so that the gpu=6 jobs share it; NO_ZEROSHOT=1 adds the

@@ -10,14 +10,14 @@ What it hands on. [departure] By default (`realise.mode: refit`) only the per-ma
 the kept parameters leave this stage: glrs.realise spends each matrix's total on low-rank +
 sparse weights refitted to the calibration inputs, because on SmolLM2 the kept RPCA candidates
 themselves lose ~8x more of a matrix's output than the realisation (0.120 against 0.0145 on four
-matrices of layer 12; README, "Where glrs departs from the papers"). `realise.mode: select` materialises the kept candidates (the paper).
+matrices of layer 12; docs/departures.md). `realise.mode: select` materialises the kept candidates (the paper).
 
 Policies (`allocator_params.cap.policy`). The package's parts: `budget.py` -- the default
 ([departure]): REINFORCE over per-matrix budgets directly, the one quantity the realisation reads
 (see that module); `policy.py` -- the paper's per-candidate Bernoulli policy (`entry`) and the tied
 one (`tied`), with the budget projection and the final selection; `candidates.py` -- the Stage-1
 candidates those two act on and the model that composes W~ from a mask sample. Measured (H200, 128 x 512
-calibration, density 0.4 / 0.5 / 0.6, README "Measured results"): the default realised to perplexity
+calibration, density 0.4 / 0.5 / 0.6, docs/results-history.md): the default realised to perplexity
 18.66 / 13.72 / 11.75 against 21.11 / 13.83 / 11.68 for the uniform allocation and 44.83 / 17.66 / 12.62
 for the best OATS; the paper as written (`policy: entry`, `realise.mode: select`) 6.77e6 at 0.5.
 

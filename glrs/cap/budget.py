@@ -22,15 +22,16 @@ A step averages g over `pairs_per_step` pairs (4), each on its own batch, then
 theta <- clip(theta - lr * g / rms, -max_shift, max_shift), rms the running root mean square of
 (L+ - L-) / (2 sigma) (EMA 0.9), so that lr is in log-budget units per step. The final budgets are
 those at `offset_scale` * theta (0.5 by default since CAP v5; < 1 pulls them towards uniform, see below).
-Why these defaults (README, "Measured results"): one offset per matrix and one pair a step (CAP v3)
-did not learn -- one loss difference per step cannot resolve 210 directions -- and its allocation
-realised worse than uniform (16.71 against 14.88, CPU, density 0.5); 37 variables and 4 pairs a step
-realised to 14.43 there, and on the H200 beat the uniform and OWL allocations at densities 0.4 and
-0.5 but not at 0.6 (11.75 against 11.68 / 11.64). The surrogate's error grows more slowly with a lost
-budget than the realisation's, so its optimum spreads the budgets further than the realisation wants:
-the H200's learned offsets, halved and realised on the CPU, gave 19.82 / 12.19 against 20.15 / 12.37
-unhalved and 22.84 / 12.35 uniform at densities 0.4 / 0.6 (at 0.5 the CPU screen's offsets: 14.47 halved,
-14.51 unhalved, 14.88 uniform), so `offset_scale` is 0.5 since CAP v5 (1.0: the v4 allocation).
+Why these defaults (docs/results-history.md sections 2 and 3, docs/negative-results.md): one offset
+per matrix and one pair a step (CAP v3) did not learn -- one loss difference per step cannot resolve
+210 directions -- and its allocation realised worse than uniform (16.71 against 14.88, CPU, density
+0.5); 37 variables and 4 pairs a step realised to 14.43 there, and on the H200 beat the uniform and
+OWL allocations at densities 0.4 and 0.5 but not at 0.6 (11.75 against 11.68 / 11.64). The
+surrogate's error grows more slowly with a lost budget than the realisation's, so its optimum
+spreads the budgets further than the realisation wants: the H200's learned offsets, halved and
+realised on the CPU, gave 19.82 / 12.19 against 20.15 / 12.37 unhalved and 22.84 / 12.35 uniform at
+densities 0.4 / 0.6 (at 0.5 the CPU screen's offsets: 14.47 halved, 14.51 unhalved, 14.88 uniform),
+so `offset_scale` is 0.5 since CAP v5 (1.0: the v4 allocation).
 
 Loss surrogate. A sample's loss is the calibration cross-entropy of the model whose every target
 matrix keeps its b_j largest Wanda scores |W_ij| sqrt(H_jj), the same share in every row: cheap

@@ -3,7 +3,7 @@
 * `LayerStats`: second-order and mean-magnitude statistics of the input of one
   target linear over all calibration tokens.
 * `MethodOutput`: what a method returns (dense compressed matrices, kept
-  parameters per matrix counted as DESIGN.md section 7 says, JSON-able details).
+  parameters per matrix counted as docs/design.md section 7 says, JSON-able details).
 * `sequential_layers`: layer-sequential calibration as in the SparseGPT and
   Wanda reference code: the calibration batch goes through the embeddings once;
   then decoder layer i is run on the current hidden states with forward hooks
@@ -16,7 +16,7 @@
   masks whose total is exact, N:M masks, and rank allocation for low-rank
   methods that keeps the overall density within rounding of one rank unit.
 
-Kept parameters (DESIGN.md section 7): unstructured / N:M = nnz, a low-rank
+Kept parameters (docs/design.md section 7): unstructured / N:M = nnz, a low-rank
 factorisation = r*(m+n), sparse + low-rank = r*(m+n) + nnz. Index overhead is
 not counted.
 """
@@ -68,7 +68,7 @@ class LayerStats:
 @dataclass
 class MethodOutput:
     weights: dict[str, torch.Tensor]  # HF weight name -> compressed dense matrix, same shape/dtype as the original
-    params_kept: dict[str, int]  # weight name -> kept parameters (DESIGN.md section 7)
+    params_kept: dict[str, int]  # weight name -> kept parameters (docs/design.md section 7)
     details: dict = field(default_factory=dict)  # JSON-able per-method information
     # Optional factored form, in glrs.compressed's layout, for methods with a low-rank part:
     # weight name -> {U [m, r], sigma [r], V [n, r], S_index [k] int64 flat ascending, S_values [k]} with

@@ -1,4 +1,4 @@
-"""The whole workflow on a tiny random Llama: DAG shape, outputs, and the cache contract of DESIGN.md section 4."""
+"""The whole workflow on a tiny random Llama: DAG shape, outputs, and the cache contract of docs/design.md section 4."""
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,4 @@
-"""Content keys and atomic writes (DESIGN.md section 4)."""
+"""Content keys and atomic writes (docs/design.md section 4)."""
 import pytest
 
 from glrs import cas

@@ -1,4 +1,4 @@
-"""The perplexity protocol (DESIGN.md section 7), pinned on a fixed text."""
+"""The perplexity protocol (docs/design.md section 7), pinned on a fixed text."""
 import math
 
 import torch

@@ -1,11 +1,11 @@
-"""Keys change when they must (DESIGN.md section 4), checked on the whole Plan that make_plan returns.
+"""Keys change when they must (docs/design.md section 4), checked on the whole Plan that make_plan returns.
 
 Changing a stage's code version or one of its parameters must change that
 stage's key and every key and path downstream of it, and nothing upstream or
 beside it. The plan is flattened into nodes (one per stage output: the model,
 Stage 1, calibration, each run's allocation and compressed model, each
 evaluation protocol, each metrics file); `DOWNSTREAM` is the DAG of
-DESIGN.md section 3 written out by hand, and every change below is checked
+docs/design.md section 3 written out by hand, and every change below is checked
 against its closure exactly.
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ def nodes(p: glrs_plan.Plan) -> dict[str, str]:
 
 
 def downstream(p: glrs_plan.Plan) -> dict[str, set[str]]:
-    """Direct successors of each node (DESIGN.md section 3). Under rpca.method none there are no Stage-1
+    """Direct successors of each node (docs/design.md section 3). Under rpca.method none there are no Stage-1
     files (their consumers split the weights): the Stage-1 key still reaches every allocation."""
     ds_list = list(p.eval_keys)
     files = {"rpca_files"} if p.rpca_files else set()
