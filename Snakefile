@@ -23,6 +23,8 @@ try:
     PLAN = make_plan(validate(config))
 except GlrsError as e:
     raise WorkflowError(f"glrs: {e}")
+for _line in PLAN.excluded:  # N:M sparsity at a density it cannot keep (glrs/plan.py _feasible)
+    print(f"glrs: not planned: {_line}", file=sys.stderr)
 
 RESULTS = "results"
 

@@ -53,6 +53,8 @@ class Plan:
     zeroshot_key: str = ""  # key of the zero-shot protocol (tasks, limit, lm-eval, offline task text, seed); "" = none
     stats_key: str = ""  # key of the dense model's activation statistics (glrs.stats)
     realise_params: dict = field(default_factory=dict)
+    excluded: list[str] = field(default_factory=list)  # "label: why" of each (method, density) the config names but
+    # that cannot run (N:M sparsity at a density it cannot keep); make_plan leaves them out, Snakefile says so
 
     # ---- paths (relative to the working directory) ----
     @property
@@ -138,8 +140,10 @@ class Plan:
         """Which CAP this is, in a few words: the Stage-1 pool, the policy and the realisation."""
         pool = self.rpca_params.get("method", "ialm")
         policy = run.params.get("policy", "") if run.allocator in allocate.NEEDS_CALIBRATION else ""
+        sparsity = self.realise_params.get("sparsity", "")  # absent: unstructured (the variant as before)
         return " ".join(x for x in (f"pool={pool}", f"policy={policy}" if policy else "",
-                                    f"realise={self.realise_params['mode']}") if x)
+                                    f"realise={self.realise_params['mode']}", f"sparsity={sparsity}" if sparsity else "")
+                        if x)
 
     def allocate_inputs(self, alloc_key: str) -> dict:
         """What one allocation job reads: every layer's factors (under rpca.method none: the model's
@@ -228,8 +232,20 @@ def _layers(config: dict, num_layers: int) -> list[int]:
 BASELINE_VERSION = 1
 
 
-def _baseline_runs(config: dict, method: str, model_key: str, calib_key: str, layers: list[int], num_layers: int) -> list[Run]:
-    """Baselines compress every target matrix from the model and the shared calibration samples."""
+def _feasible(densities: list[float], why, what: str, excluded: list[str]) -> list[float]:
+    """The densities at which `what` can run (why(d) == ""); the others are noted in `excluded`. None at all: an error."""
+    keep = [d for d in densities if not why(d)]
+    if not keep:
+        raise GlrsError(f"config key target_density: {what} can run at none of {densities}: {why(densities[0])}")
+    excluded += [f"{what}@{d}: {why(d)}" for d in densities if why(d)]
+    return keep
+
+
+def _baseline_runs(config: dict, method: str, model_key: str, calib_key: str, layers: list[int], num_layers: int,
+                   excluded: list[str] | None = None) -> list[Run]:
+    """Baselines compress every target matrix from the model and the shared calibration samples, at each
+    target density the method can keep (N:M sparsity: see methods.density_infeasible; the others go to
+    `excluded`)."""
     if layers != list(range(num_layers)):
         raise GlrsError(f"config key layers: method {method!r} compresses every layer; use layers: all, or methods: [cap] only")
     from . import methods
@@ -239,7 +255,9 @@ def _baseline_runs(config: dict, method: str, model_key: str, calib_key: str, la
     version = {"pipeline": str(BASELINE_VERSION), "method": str(methods.method_version(method)),
                "format": str(compressed.MATERIALIZE_VERSION)}
     out = []
-    for density in config["target_density"]:
+    densities = _feasible(list(config["target_density"]), lambda d: methods.density_infeasible(method, params, d),
+                          method, [] if excluded is None else excluded)
+    for density in densities:
         comp_key = cas.key_of("compress", BASELINE_VERSION, {"model": model_key, "calib": calib_key} | version,
                               {"method": method, "density": density, "params": params, "seed": config["seed"],
                                "export": config.get("export", "none")})
@@ -262,11 +280,18 @@ def make_plan(config: dict) -> Plan:
 
     stats_key = cas.key_of("stats", stats.STATS_VERSION, {"model": model_key, "calib": calib_key}, {})
     realise_params = realise.resolve_params(config.get("realise"))
-    runs = []
+    runs, excluded = [], []
+    nm = realise.nm_of(realise_params)
+    cap_densities = list(config["target_density"])
     for method in config["methods"]:
         if method != "cap":
-            runs += _baseline_runs(config, method, model_key, calib_key, layers, source.num_layers)
+            runs += _baseline_runs(config, method, model_key, calib_key, layers, source.num_layers, excluded)
             continue
+        if nm is not None:  # the N:M realisation needs the N:M floor in every matrix
+            frac = nm[0] / nm[1]
+            cap_densities = _feasible(cap_densities, lambda d: "" if d >= frac - 1e-12 else
+                                      f"realise.sparsity {realise_params['sparsity']} needs density >= {frac:g}",
+                                      "cap", excluded)
         for allocator in config["allocators"]:
             params = dict(config.get("allocator_params", {}).get(allocator, {}))
             inputs = {"rpca": rpca_key, "layers": ",".join(map(str, layers))}
@@ -278,7 +303,7 @@ def make_plan(config: dict) -> Plan:
                 inputs |= {"calib": calib_key, "cap_version": str(cap.CAP_VERSION)}
             if allocate.needs_stats(allocator, params):
                 inputs |= {"stats": stats_key}
-            for density in config["target_density"]:
+            for density in cap_densities:
                 alloc_key = cas.key_of("alloc", allocate.ALLOC_VERSION, inputs,
                                        {"allocator": allocator, "density": density, "params": params, "seed": config["seed"]})
                 realise_key = ""
@@ -298,7 +323,7 @@ def make_plan(config: dict) -> Plan:
         for ds in ev["datasets"]
     }
     return Plan(config, source, model_key, layers, rpca_key, rpca_params, calib_key, calib_params, runs, eval_keys,
-                _zeroshot_key(config), stats_key, realise_params)
+                _zeroshot_key(config), stats_key, realise_params, excluded)
 
 
 def _lm_eval_version() -> str:

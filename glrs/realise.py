@@ -26,6 +26,18 @@ layer gets: Stage 2's decision) and re-derives the weights that spend them:
    at density 0.5 (one thread) a layer takes 7.6 s instead of 11.6 s and the mean output error changes by
    +0.01 to +0.04 % (benchmarks/realise_speed.py, results/benchmarks/realise_speed.json).
 
+Semi-structured (`sparsity: "2:4"`). The sparse part follows NVIDIA's 2:4 pattern (in every group of 4
+consecutive input columns of each row exactly 2 entries kept), so that the product runs on sparse tensor
+cores, plus the low-rank part. A matrix with budget b spends exactly m*n/2 on its 2:4 support and the rest on
+rank r = floor((b - m*n/2) / (m + n)); the leftover b - m*n/2 - r (m + n) < m + n parameters go unspent
+(recorded per matrix as `leftover`). `rank_ratio` is ignored (and left out of the settings, so of the key).
+GoDec's S-step keeps the 2:4 mask of |W D - L| (scaled space) instead of the row top-k; the refit is the same
+(it works on any fixed support). A matrix whose budget reaches m*n stays dense and is stored exactly (rank 0,
+every entry kept, S = W; `dense: true`). The allocation's budgets are first moved under a floor of m*n/2 and
+a cap of m*n with the same total (`matrix_budgets_nm`), so a target density below 0.5 is an error. Under
+the default `sparsity: unstructured` nothing of the above applies and the setting is left out of the
+resolved settings: keys and bytes are those of REALISE_VERSION 3.
+
 Each decoder layer is one job (`glrs realise`); it reads its layer's weights, its activation
 statistics (glrs.stats) and the allocation's JSON, and writes the factored form
 (glrs.compressed layout) with the per-matrix errors before and after the refit.
@@ -45,12 +57,18 @@ from .errors import GlrsError
 REALISE_VERSION = 3  # 2: float32 GoDec by subspace iteration; 3: refit by conjugate gradients (refit_iterations)
 MODES = ("refit", "select")
 DEFAULTS = {"mode": "refit", "rank_ratio": 0.1, "iterations": 40, "damp": 0.01, "refit_iterations": 30}
+# `sparsity` is a setting too, but only a non-default value is kept in the resolved settings (so the keys and
+# file bytes of unstructured runs are those made before it existed).
+SPARSITY = {"unstructured": None, "2:4": (2, 4)}
 PARTS = ("U", "sigma", "V", "S_index", "S_values")
 GODEC_DTYPE = torch.float32
 
 
 def resolve_params(params: dict | None) -> dict:
+    """The effective settings, checked. `sparsity` is there only when it is not "unstructured"; under "2:4"
+    `rank_ratio` is checked and then dropped (the 2:4 split does not use it, so it must not change the key)."""
     p = dict(DEFAULTS) | dict(params or {})
+    sparsity = p.pop("sparsity", "unstructured")
     unknown = sorted(set(p) - set(DEFAULTS))
     if unknown:
         raise GlrsError(f"config key realise: unknown setting(s) {unknown}; known: {sorted(DEFAULTS)}")
@@ -64,7 +82,20 @@ def resolve_params(params: dict | None) -> dict:
         raise GlrsError(f"config key realise.refit_iterations: {p['refit_iterations']} must be >= 0 (0: no refit)")
     if float(p["damp"]) <= 0:
         raise GlrsError(f"config key realise.damp: {p['damp']} must be > 0 (it keeps the row systems solvable)")
+    if sparsity not in SPARSITY:
+        raise GlrsError(f"config key realise.sparsity: {sparsity!r} is not one of {list(SPARSITY)}")
+    if SPARSITY[sparsity] is not None:
+        if p["mode"] != "refit":
+            raise GlrsError(f"config key realise.sparsity: {sparsity} needs realise.mode refit (mode select keeps "
+                            "the Stage-1 candidates as they are, which follow no N:M pattern)")
+        del p["rank_ratio"]  # ignored under N:M: the sparse part takes exactly N/M of the matrix, the rank the rest
+        p["sparsity"] = sparsity
     return p
+
+
+def nm_of(params: dict) -> tuple[int, int] | None:
+    """The N:M pattern of resolved settings (None: unstructured)."""
+    return SPARSITY[params.get("sparsity", "unstructured")]
 
 
 # ---- budgets -------------------------------------------------------------------------------------
@@ -80,6 +111,69 @@ def matrix_budgets(alloc_info: dict) -> dict[str, int]:
     want = [mats[n]["rank"] * sum(mats[n]["shape"]) + mats[n]["nnz"] for n in names]
     cap = [mats[n]["shape"][0] * mats[n]["shape"][1] for n in names]
     return dict(zip(names, capped_split(sum(want), want, cap)))
+
+
+def matrix_budgets_nm(alloc_info: dict, nm: tuple[int, int] = (2, 4)) -> dict[str, int]:
+    """Weight name -> budget under N:M sparsity: at least the N:M floor m*n*N/M (what the sparse part
+    takes), at most m*n (dense), adding up to exactly the allocation's total (that of `matrix_budgets`).
+
+    Starting from `matrix_budgets` (the allocation's per-matrix totals, capped at dense): the matrices the
+    allocator made dense (budget m*n) stay dense when the others can still reach their floors; every other
+    matrix gets its floor plus a share of what is left in proportion to how far the allocator put it above
+    its floor, max(b_i - floor_i, 0), each capped at m*n (`capped_split`). So the parameters needed to lift
+    the matrices below the floor are taken from the others in proportion to their excess. A total below the
+    sum of the floors (target density < N/M) is an error; so is an input dimension not a multiple of M. One
+    exception to the exact total: an allocation for a target density >= N/M whose rounding (e.g. OWL's
+    per-matrix int()) left it short of the floors by at most DENSITY_TOLERANCE of the dense count gets the
+    floors (it then spends those few parameters more)."""
+    from .methods.base import DENSITY_TOLERANCE, capped_split
+
+    n_keep, group = nm
+    mats = alloc_info["matrices"]
+    names = sorted(mats)
+    for name in names:
+        m, n = mats[name]["shape"]
+        if n % group:
+            raise GlrsError(f"realise.sparsity {n_keep}:{group} needs every input dimension to be a multiple of "
+                            f"{group}; {name} is {m} x {n}. Use realise.sparsity unstructured for this model")
+    base = matrix_budgets(alloc_info)
+    dense = {k: mats[k]["shape"][0] * mats[k]["shape"][1] for k in names}
+    floor = {k: dense[k] * n_keep // group for k in names}
+    total, need = sum(base.values()), sum(floor.values())
+    target = alloc_info.get("target_density")
+    if total < need and target is not None and target >= n_keep / group - 1e-12 \
+            and need - total <= DENSITY_TOLERANCE * sum(dense.values()):
+        return floor  # the allocator's rounding left it a few parameters short of a target density >= N/M
+    if total < need:
+        raise GlrsError(f"realise.sparsity {n_keep}:{group}: the allocation keeps density {total / sum(dense.values()):.4g} "
+                        f"({total} of {sum(dense.values())} parameters), but {n_keep}:{group} needs >= "
+                        f"{n_keep / group:g} (its sparse part alone keeps {n_keep}/{group} of every matrix); "
+                        f"raise target_density to >= {n_keep / group:g}")
+    pinned = [k for k in names if base[k] >= dense[k]]
+    rest = [k for k in names if k not in pinned]
+    if sum(base[k] for k in rest) < sum(floor[k] for k in rest):  # the dense ones must give too
+        pinned, rest = [], names
+    out = {k: dense[k] for k in pinned}
+    extra = sum(base[k] for k in rest) - sum(floor[k] for k in rest)
+    parts = capped_split(extra, [max(base[k] - floor[k], 0) for k in rest], [dense[k] - floor[k] for k in rest])
+    out |= {k: floor[k] + part for k, part in zip(rest, parts)}
+    return {k: out[k] for k in names}
+
+
+def split_budget_nm(shape: tuple[int, int], budget: int, nm: tuple[int, int] = (2, 4)) -> tuple[int, int, int]:
+    """(rank, nonzeros, leftover) of an m x n matrix under N:M sparsity: the sparse part takes m*n*N/M, the
+    rank r = floor((budget - m*n*N/M) / (m + n)), the leftover (< m + n) is unspent. A budget of m*n: dense,
+    (0, m*n, 0)."""
+    m, n = shape
+    n_keep, group = nm
+    floor = m * n * n_keep // group
+    if n % group or not floor <= budget <= m * n:
+        raise GlrsError(f"budget {budget} outside [{floor}, {m * n}] (or input dimension {n} not a multiple of "
+                        f"{group}) for {n_keep}:{group} sparsity of a {m} x {n} matrix")
+    if budget == m * n:
+        return 0, m * n, 0
+    r = (budget - floor) // (m + n)
+    return r, floor, budget - floor - r * (m + n)
 
 
 def split_budget(shape: tuple[int, int], budget: int, rank_ratio: float) -> tuple[int, int]:
@@ -125,7 +219,7 @@ def _orth(A: torch.Tensor) -> torch.Tensor:
 
 
 def godec(Wd: torch.Tensor, rank: int, nnz: int, iterations: int, oversample: int = 8, warmup: int = 6,
-          seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          seed: int = 0, nm: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GoDec as in glrs.methods.oats.oats_decompose (L <- best rank-r of Wd - S, S <- row top-k of
     Wd - L, `iterations` times), in Wd's dtype, with the best rank-r step by a warm-started subspace
     iteration instead of a full eigendecomposition: (P [m, r], B [r, n], mask) with L = P B.
@@ -135,7 +229,15 @@ def godec(Wd: torch.Tensor, rank: int, nnz: int, iterations: int, oversample: in
     Rayleigh-Ritz step (the SVD of the l x n matrix Q^T (Wd - S)) and keeps its top r. The first
     iteration starts from a seeded Gaussian V and does `warmup` extra power steps. Deterministic for a
     fixed thread count (seeded generator, no data-dependent branching).
+
+    nm: (N, M) to make the S-step keep the N largest |entries| of every M consecutive columns of each row
+    (glrs.methods.base.nm_mask) instead of the row top-k; `nnz` is then ignored.
     """
+    from .methods.base import nm_mask
+
+    def keep(scores):
+        return row_topk_mask(scores, nnz) if nm is None else nm_mask(scores, nm)
+
     m, n = Wd.shape
     dt = Wd.dtype
     A = Wd  # Wd - S
@@ -155,10 +257,10 @@ def godec(Wd: torch.Tensor, rank: int, nnz: int, iterations: int, oversample: in
             V = Vh.T
             P, B = Q @ Ub[:, :rank], sig[:rank, None] * Vh[:rank]
             L = P @ B
-            mask = row_topk_mask((Wd - L).abs_(), nnz)
+            mask = keep((Wd - L).abs_())
             A = torch.where(mask, L, Wd)  # Wd - S with S = (Wd - L) on the mask
         else:
-            mask = row_topk_mask(Wd.abs(), nnz)
+            mask = keep(Wd.abs())
     return P, B, mask
 
 
@@ -210,15 +312,26 @@ def output_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor, den: flo
 
 
 def realise_matrix(W: torch.Tensor, H: torch.Tensor, budget: int, params: dict) -> tuple[dict, dict]:
-    """(factors in glrs.compressed layout, record) spending exactly `budget` parameters on W [m, n]."""
+    """(factors in glrs.compressed layout, record) spending exactly `budget` parameters on W [m, n]
+    (under N:M sparsity: `budget` less the record's `leftover` < m + n; a budget of m*n: W itself)."""
     from .methods.oats import oats_scale
 
     m, n = W.shape
-    rank, nnz = split_budget((m, n), budget, float(params["rank_ratio"]))
+    nm = nm_of(params)
     W64 = W.to(torch.float64)
     H = H.to(W.device, torch.float64)
+    extra = {}
+    if nm is None:
+        rank, nnz = split_budget((m, n), budget, float(params["rank_ratio"]))
+    else:
+        rank, nnz, leftover = split_budget_nm((m, n), budget, nm)
+        extra = {"dense": nnz == m * n, "leftover": leftover}
+        if extra["dense"]:  # stored exactly: every entry kept, no low rank
+            factors = {"U": W64.new_zeros(m, 0), "sigma": W64.new_zeros(0), "V": W64.new_zeros(n, 0),
+                       "S_index": torch.arange(m * n, device=W.device), "S_values": W64.reshape(-1).clone()}
+            return factors, {"rank": 0, "nnz": m * n, "params": m * n, "error_before_refit": 0.0, "error": 0.0} | extra
     d = oats_scale(torch.diagonal(H).clamp_min(0).sqrt())
-    P, B, mask = godec((W64 * d).to(GODEC_DTYPE), rank, nnz, int(params["iterations"]))
+    P, B, mask = godec((W64 * d).to(GODEC_DTYPE), rank, nnz, int(params["iterations"]), nm=nm)
     # L D^-1 = P (B D^-1) = (P Ub) diag(sigma) Vh with B D^-1 = Ub diag(sigma) Vh (an r x n SVD)
     if rank > 0:
         Ub, sigma, Vh = torch.linalg.svd(B.to(torch.float64) / d.unsqueeze(0), full_matrices=False)
@@ -232,7 +345,7 @@ def realise_matrix(W: torch.Tensor, H: torch.Tensor, budget: int, params: dict) 
     index = torch.nonzero(mask.reshape(-1)).squeeze(1)
     factors = {"U": f["U"], "sigma": f["sigma"], "V": f["V"], "S_index": index, "S_values": S.reshape(-1)[index]}
     record = {"rank": rank, "nnz": int(index.numel()), "params": rank * (m + n) + int(index.numel()),
-              "error_before_refit": before, "error": output_error(W64, L + S, H, den)}
+              "error_before_refit": before, "error": output_error(W64, L + S, H, den)} | extra
     return factors, record
 
 
@@ -245,7 +358,9 @@ def realise_layer(model_dir: str, stats_file: str, alloc_json: str, layer: int, 
 
     p = resolve_params(params)
     info = json.loads(Path(alloc_json).read_text())
-    budgets = matrix_budgets(info)
+    nm = nm_of(p)
+    budgets = matrix_budgets(info) if nm is None else matrix_budgets_nm(info, nm)
+    allocated = matrix_budgets(info) if nm is not None else {}
     weights = modelio.read_layer(model_dir, layer)
     H = stats.read_layer(stats_file)
     tensors, records = {}, {}
@@ -259,6 +374,8 @@ def realise_layer(model_dir: str, stats_file: str, alloc_json: str, layer: int, 
                 t = factors[part].to("cpu")
                 tensors[f"{short}.{part}"] = (t if part == "S_index" else t.to(W.dtype)).contiguous()
             records[short] = rec | {"name": name, "shape": list(W.shape), "budget": budgets[name]}
+            if nm is not None:  # what the allocation gave it, before the N:M floor moved it
+                records[short]["allocated"] = allocated[name]
     threads = SOLVER_THREADS if str(device) == "cpu" else torch.get_num_threads()
     meta = {"layer": layer, "params": p, "matrices": records, "conditions": current(device, "float64", threads=threads)}
     with cas.atomic_path(out) as tmp:

@@ -68,7 +68,29 @@ def effective_params(name: str, params: dict | None) -> dict:
     """Defaults updated with `params`, unknown names rejected: hash this, so a changed default is a new key."""
     from .base import resolve_params
 
-    return resolve_params(name, params, method_defaults(name))
+    optional = method_optional(name)
+    p = resolve_params(name, params, method_defaults(name) | optional)
+    return {k: v for k, v in p.items() if not (k in optional and v == optional[k])}
+
+
+def method_optional(name: str) -> dict:
+    """Settings added to a method after its keys existed (its `optional` attribute): accepted, but left out of
+    the effective parameters while at their default, so that the keys of runs that do not set them stay."""
+    return dict(getattr(get_method(name), "optional", {}))
+
+
+def density_infeasible(name: str, params: dict, density: float) -> str:
+    """Why the method cannot run at this density with these (effective) parameters, or "" when it can:
+    under N:M sparsity (`nm`) the pruning methods keep exactly N/M, OATS at least N/M (its sparse part)."""
+    from .base import parse_nm
+
+    nm = parse_nm(params.get("nm"))
+    if nm is None:
+        return ""
+    frac = nm[0] / nm[1]
+    if name == "oats":
+        return "" if density >= frac - 1e-12 else f"nm {params['nm']} needs density >= {frac:g}"
+    return "" if abs(density - frac) <= 1e-9 else f"nm {params['nm']} keeps exactly density {frac:g}"
 
 
 def method_version(name: str) -> int:
@@ -86,4 +108,4 @@ def get_method(name: str) -> Method:
         raise GlrsError(f"compression method {name!r} is registered but cannot be loaded: {e}") from e
 
 
-__all__ = ["METHODS", "get_method", "method_defaults", "effective_params", "method_version", "LayerStats", "Method", "MethodOutput", "collect_stats", "sequential_layers"]
+__all__ = ["METHODS", "get_method", "method_defaults", "method_optional", "effective_params", "density_infeasible", "method_version", "LayerStats", "Method", "MethodOutput", "collect_stats", "sequential_layers"]

@@ -528,9 +528,13 @@ def density_of(params_kept: dict[str, int], shapes: dict[str, tuple[int, int]]) 
     return sum(params_kept.values()) / dense if dense else 0.0
 
 
-def assert_density(params_kept: dict[str, int], shapes: dict[str, tuple[int, int]], density: float, method: str) -> float:
+def assert_density(params_kept: dict[str, int], shapes: dict[str, tuple[int, int]], density: float, method: str,
+                   unspent: int = 0) -> float:
+    """The achieved density, checked against the target. `unspent`: parameters of the budget the method
+    could not spend (OATS N:M: rank comes in units of m + n); they count towards the target in the check."""
     achieved = density_of(params_kept, shapes)
-    if abs(achieved - density) > DENSITY_TOLERANCE:
+    dense = sum(shapes[k][0] * shapes[k][1] for k in params_kept)
+    if abs(achieved + (unspent / dense if dense else 0.0) - density) > DENSITY_TOLERANCE:
         raise GlrsError(f"{method}: achieved density {achieved:.5f} misses the target {density:.5f} by more than "
                         f"{DENSITY_TOLERANCE * 100:g} percentage points; the model's matrices are too small for this "
                         "target's granularity")
@@ -567,10 +571,11 @@ def pruning_setup(method: str, density: float, params: dict | None, defaults: di
 
 
 def finish(model, method: str, density: float, params_kept: dict[str, int], details: dict,
-           factors: dict[str, dict[str, torch.Tensor]] | None = None) -> MethodOutput:
-    """Check the overall density, read the compressed weights back from the model, report."""
+           factors: dict[str, dict[str, torch.Tensor]] | None = None, unspent: int = 0) -> MethodOutput:
+    """Check the overall density (`unspent`: see assert_density), read the compressed weights back from the
+    model, report."""
     shapes = target_shapes(model)
-    achieved = assert_density(params_kept, shapes, density, method)
+    achieved = assert_density(params_kept, shapes, density, method, unspent)
     details = {"method": method, "target_density": density, "achieved_density": achieved,
                "params_kept": int(sum(params_kept.values())),
                "params_dense": int(sum(shapes[k][0] * shapes[k][1] for k in params_kept)), **details}

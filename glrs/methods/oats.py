@@ -19,7 +19,23 @@ decoder layer's targets are decomposed with statistics of the hidden states
 produced by the already-compressed layers, from one pass per layer.
 
 Parameters: rank_ratio (0.25), iterations (80), dtype ("float32": the
-reference's precision; "float64" for exactness), batch_size (4).
+reference's precision; "float64" for exactness), batch_size (4), nm (null |
+"N:M", e.g. "2:4").
+
+N:M (`nm: "2:4"`): the S-step keeps the N largest |entries| of every M
+consecutive inputs of each row of the scaled residual W D - L (the reference's
+prune_n / prune_m branch of altern_ls, stephenqz/OATS OATS/prune_oats.py), so
+S D^-1 is N:M sparse (D is diagonal over the inputs, so it keeps the pattern).
+The sparse part takes exactly k = m*n*N/M entries and the rank the rest of the
+density budget: r = floor((round(density*m*n) - k) / (m + n)); the leftover
+(< m + n per matrix) is unspent and recorded (`leftover`), so the achieved
+density is below the target by at most sum(m + n) / sum(m*n). density < N/M is
+an error; rank_ratio is ignored. [departure] The reference fixes the rank
+ratio kappa and derives the density: dense_alloc = (N/M) / (1 - kappa),
+r = int(kappa * dense_alloc * m*n / (m + n)). Here the density is the setting
+(to compare at the same kept parameters) and the rank follows from it; the
+reference's split is the one at kappa = 1 - (N/M)/density, up to the rounding
+of r.
 
 Departures from the reference code:
   * exact budget: the reference prunes int(n * (1 - (1-kappa)*density))
@@ -31,7 +47,7 @@ Departures from the reference code:
     reference divides by zero); their scale is set to 1e-8 * mean(D), which
     drives those weights out of the low-rank and sparse parts (they do not
     affect the calibration outputs);
-  * the N:M variant of the sparse part is not offered.
+  * N:M: parametrised by the density instead of the rank ratio (above).
 """
 from __future__ import annotations
 
@@ -39,12 +55,15 @@ import math
 
 import torch
 
-from .base import (LayerStats, MethodOutput, check_density, exact_count, finish, low_rank_factors, resolve_params,
-                   row_topk_mask, sequential_layers, target_modules)
+from .base import (LayerStats, MethodOutput, check_density, exact_count, finish, low_rank_factors, nm_mask, parse_nm,
+                   resolve_params, row_topk_mask, sequential_layers, target_modules)
 from ..errors import GlrsError
 from ..modelio import weight_name
 
 DEFAULTS = {"rank_ratio": 0.25, "iterations": 80, "dtype": "float32", "batch_size": 4}
+# Added later: accepted, but left out of the effective (hashed, recorded) parameters while null, so the keys and
+# records of unstructured OATS runs are those made before it existed (glrs.methods.effective_params).
+OPTIONAL = {"nm": None}
 
 
 def oats_budget(shape: tuple[int, int], density: float, rank_ratio: float) -> tuple[int, int]:
@@ -55,6 +74,24 @@ def oats_budget(shape: tuple[int, int], density: float, rank_ratio: float) -> tu
     while r > 0 and r * (m + n) > total:
         r -= 1
     return r, total - r * (m + n)
+
+
+def oats_budget_nm(shape: tuple[int, int], density: float, nm: tuple[int, int]) -> tuple[int, int, int]:
+    """(rank r, nonzeros k, leftover) under N:M sparsity: k = m*n*N/M, r = floor((round(density*m*n) - k) / (m + n)),
+    leftover = round(density*m*n) - k - r (m + n) < m + n (unspent)."""
+    m, n = shape
+    n_keep, group = nm
+    if n % group:
+        raise GlrsError(f"oats: N:M sparsity {n_keep}:{group} needs the input dimension to be a multiple of {group}; "
+                        f"got a {m} x {n} matrix")
+    if density < n_keep / group - 1e-12:
+        raise GlrsError(f"oats: nm {n_keep}:{group} keeps {n_keep}/{group} = {n_keep / group:g} of every matrix in its "
+                        f"sparse part alone, but the target density is {density:g}; {n_keep}:{group} needs density "
+                        f">= {n_keep / group:g}")
+    k = m * n * n_keep // group
+    total = max(exact_count(density, m * n), k)
+    r = min(min(m, n), (total - k) // (m + n))
+    return r, k, total - k - r * (m + n)
 
 
 def oats_scale(col_norm: torch.Tensor) -> torch.Tensor:
@@ -85,8 +122,10 @@ def best_rank_r(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def oats_decompose(W: torch.Tensor, col_norm: torch.Tensor, rank: int, nnz: int, iterations: int,
-                   dtype=torch.float32, track: bool = False):
+                   dtype=torch.float32, track: bool = False, nm: tuple[int, int] | None = None):
     """(W~, keep mask of the sparse part, history, factors).
+
+    nm: (N, M): the S-step keeps the N:M mask of |W D - L| (nm_mask) instead of the row top-k (`nnz` ignored).
 
     history: ||W D - L - S||_F / ||W D||_F after each iteration (only when `track`); factors: the
     unscaled decomposition W~ = U diag(sigma) V^T + S in MethodOutput.factors layout (float64).
@@ -108,7 +147,7 @@ def oats_decompose(W: torch.Tensor, col_norm: torch.Tensor, rank: int, nnz: int,
             P, B = best_rank_r(Wd - S, rank)
             L = (P @ B).to(dtype)
         R = Wd - L
-        mask = row_topk_mask(R.abs(), nnz)
+        mask = row_topk_mask(R.abs(), nnz) if nm is None else nm_mask(R.abs(), nm)
         S = R * mask
         if track:
             history.append(float(torch.linalg.norm(Wd - L - S) / norm))
@@ -128,37 +167,51 @@ def oats_decompose(W: torch.Tensor, col_norm: torch.Tensor, rank: int, nnz: int,
 class OATSMethod:
     name = "oats"
     defaults = DEFAULTS
+    optional = OPTIONAL
     version = 1  # bump when the algorithm changes: compressed outputs get new keys
 
     def compress(self, model, calib_ids: torch.Tensor, density: float, params: dict, seed: int,
                  device: str) -> MethodOutput:
         """Replaces `model`'s target matrices in place by L + S, layer by layer."""
         density = check_density(density)
-        p = resolve_params(self.name, params, DEFAULTS)
+        p = resolve_params(self.name, params, DEFAULTS | OPTIONAL)
+        nm = parse_nm(p["nm"])
+        if nm is None:
+            del p["nm"]  # recorded as before the setting existed
         kappa = float(p["rank_ratio"])
         if not 0.0 <= kappa <= 1.0:
             raise GlrsError(f"oats: rank_ratio must be in [0, 1], got {kappa}")
         dtype = getattr(torch, p["dtype"])
-        kept, per_matrix, factors = {}, {}, {}
+        if nm is not None and density < nm[0] / nm[1] - 1e-12:
+            raise GlrsError(f"oats: nm {p['nm']} keeps {nm[0]}/{nm[1]} of every matrix in its sparse part alone; "
+                            f"target density {density:g} is below it: {p['nm']} needs density >= {nm[0] / nm[1]:g}")
+        kept, per_matrix, factors, unspent = {}, {}, {}, {}
 
         def compress_layer(i, layer, stats: dict[str, LayerStats]):
             mods = target_modules(layer)
             new = {}
             for short, st in stats.items():
                 W = mods[short].weight.detach()
-                r, k = oats_budget(tuple(W.shape), density, kappa)
-                new[short], mask, _, f = oats_decompose(W, st.col_norm, r, k, int(p["iterations"]), dtype)
-                m, n = W.shape
                 name = weight_name(i, short)
+                if nm is None:
+                    r, k = oats_budget(tuple(W.shape), density, kappa)
+                else:
+                    r, k, unspent[name] = oats_budget_nm(tuple(W.shape), density, nm)
+                new[short], mask, _, f = oats_decompose(W, st.col_norm, r, k, int(p["iterations"]), dtype, nm=nm)
+                m, n = W.shape
                 factors[name] = low_rank_factors(f["U"], f["sigma"], f["V"], W.dtype, f["S_index"], f["S_values"])
                 kept[name] = r * (m + n) + int(mask.sum())
                 per_matrix[name] = {"rank": r, "nnz": int(mask.sum()), "rank_ratio": r / min(m, n),
                                     "density": kept[name] / (m * n)}
+                if nm is not None:
+                    per_matrix[name]["leftover"] = unspent[name]
             return new
 
         sequential_layers(model, calib_ids, device, compress_layer, batch_size=int(p["batch_size"]), moments="diag")
-        return finish(model, self.name, density, kept, {"params": p, "seed": seed, "matrices": per_matrix,
-                                                         "calibration_tokens": int(calib_ids.numel())}, factors)
+        details = {"params": p, "seed": seed, "matrices": per_matrix, "calibration_tokens": int(calib_ids.numel())}
+        if nm is not None:
+            details["unspent"] = int(sum(unspent.values()))
+        return finish(model, self.name, density, kept, details, factors, unspent=sum(unspent.values()))
 
 
 OATS = OATSMethod()

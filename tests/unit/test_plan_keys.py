@@ -223,3 +223,50 @@ def test_every_baseline_code_version_reaches_exactly_its_runs(method, base_confi
     after = nodes(glrs_plan.make_plan(copy.deepcopy(cfg)))
     roots = {f"comp:{r.label}" for r in before_plan.baseline_runs if r.method == method}
     assert roots and changed(nodes(before_plan), after) == closure(before_plan, roots)
+
+
+def test_realise_sparsity_reaches_exactly_the_realise_keys(base_config):
+    """realise.sparsity 2:4 is a realise setting like the others: it renews the realisations and what they
+    feed, nothing upstream. Under 2:4 rank_ratio is ignored, so it changes nothing; an explicit
+    `unstructured` is the default (the keys made before the setting existed)."""
+    cfg = copy.deepcopy(base_config)
+    cfg["target_density"] = [0.5, 0.6]  # 2:4 needs >= 0.5
+    if cfg["realise"]["mode"] != "refit":
+        with pytest.raises(glrs_plan.GlrsError, match="mode refit"):
+            glrs_plan.make_plan(copy.deepcopy(cfg) | {"realise": cfg["realise"] | {"sparsity": "2:4"}})
+        return
+    before_plan = glrs_plan.make_plan(copy.deepcopy(cfg))
+    same = copy.deepcopy(cfg)
+    same["realise"]["sparsity"] = "unstructured"
+    assert nodes(glrs_plan.make_plan(same)) == nodes(before_plan)
+    nm = copy.deepcopy(cfg)
+    nm["realise"]["sparsity"] = "2:4"
+    after_plan = glrs_plan.make_plan(nm)
+    assert [r.label for r in after_plan.runs] == [r.label for r in before_plan.runs] and not after_plan.excluded
+    roots = {f"realise:{r.label}" for r in before_plan.realised_runs}
+    assert roots and changed(nodes(before_plan), nodes(after_plan)) == closure(before_plan, roots)
+    assert all("sparsity=2:4" in after_plan.cap_variant(r) for r in after_plan.cap_runs)
+    nm["realise"]["rank_ratio"] = 0.3
+    assert nodes(glrs_plan.make_plan(nm)) == nodes(after_plan)
+
+
+def test_nm_runs_at_densities_they_cannot_keep_are_left_out(base_config):
+    """2:4 keeps at least (CAP's realisation, OATS) or exactly (Wanda) half of each matrix: the plan leaves
+    out the other densities and says so; a method left with no density at all is an error."""
+    cfg = copy.deepcopy(base_config)
+    if cfg["realise"]["mode"] != "refit":
+        return
+    cfg["methods"] = ["cap", "wanda", "oats"]
+    cfg["target_density"] = [0.4, 0.5, 0.6]
+    plain = glrs_plan.make_plan(copy.deepcopy(cfg))
+    cfg["realise"]["sparsity"] = "2:4"
+    cfg["method_params"] = {"wanda": {"nm": "2:4"}, "oats": {"nm": "2:4"}}
+    p = glrs_plan.make_plan(copy.deepcopy(cfg))
+    got = {(r.method, r.density) for r in p.runs}
+    assert {d for m, d in got if m == "cap"} == {0.5, 0.6} and {d for m, d in got if m == "oats"} == {0.5, 0.6}
+    assert {d for m, d in got if m == "wanda"} == {0.5}
+    assert sorted(x.split(":")[0] for x in p.excluded) == ["cap@0.4", "oats@0.4", "wanda@0.4", "wanda@0.6"]
+    assert not plain.excluded and len(plain.runs) == len(p.runs) + len(cfg["allocators"]) + 3  # cap@0.4 per allocator
+    cfg["target_density"] = [0.4]
+    with pytest.raises(glrs_plan.GlrsError, match="none of"):
+        glrs_plan.make_plan(cfg)
