@@ -2,8 +2,8 @@
 __version__ = "0.1.0"
 
 
-def load(path, device: str = "cpu", dtype=None):
+def load(path, device: str = "cpu", dtype=None, semi_structured: bool = False):
     """A compressed model directory as a ready model (glrs.compressed.load: built from its compact files)."""
     from .compressed import load as _load
 
-    return _load(path, device, dtype)
+    return _load(path, device, dtype, semi_structured)

@@ -325,6 +325,18 @@ class LowRankSparseLinear(nn.Module):
         return y
 
 
+def use_semi_structured(model: nn.Module) -> int:
+    """Hold every 2:4 sparse part of `model` as a semi-structured tensor (sparse tensor cores: CUDA, fp16 or
+    bf16); returns how many modules changed. Others stay as they are."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, LowRankSparseLinear) and mod.semi_structured is None and mod.values.numel() \
+                and is_2to4(mod.support_mask()):
+            mod.to_semi_structured()
+            n += 1
+    return n
+
+
 # ---- loading -------------------------------------------------------------------------------------
 
 @contextmanager
@@ -356,9 +368,10 @@ def _set_tensor(model: nn.Module, name: str, t: torch.Tensor) -> None:
         raise GlrsError(f"the compressed model holds {name}, which its config's model has no place for")
 
 
-def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None):
+def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None, semi_structured: bool = False):
     """The compressed model, built from its compact files alone: `LowRankSparseLinear` in place of every
-    compressed target, never a dense target matrix; `dtype` casts floating weights (default: as stored)."""
+    compressed target, never a dense target matrix; `dtype` casts floating weights (default: as stored).
+    `semi_structured`: hold 2:4 sparse parts on the sparse tensor cores (CUDA, fp16/bf16)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
@@ -396,7 +409,10 @@ def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None 
                         "rerun its materialize job")
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if semi_structured:
+        use_semi_structured(model)
+    return model
 
 
 def compose(U, sigma, V, S_index, S_values, shape) -> torch.Tensor:
