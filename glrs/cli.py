@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--out-dir", required=True)
 
-    s = sub.add_parser("realise", help="CAP's realisation of one layer: refitted low-rank + sparse at the allocation's budgets")
+    s = sub.add_parser("realise", help="realise one layer at the allocation's budgets: refitted low-rank + sparse (refit), or "
+                        "pruned by Wanda's or SparseGPT's rule (wanda, sparsegpt)")
     s.add_argument("--model-dir", required=True)
     s.add_argument("--stats", required=True)
     s.add_argument("--alloc-json", required=True)
@@ -218,9 +219,10 @@ def run(args: argparse.Namespace) -> None:
 
         with gpuslots.device_slot(args.device) as dev:
             meta = realise.realise_layer(args.model_dir, args.stats, args.alloc_json, args.layer, args.params, args.out, dev)
+        after = {"wanda": "(no update)", "sparsegpt": "after the OBS update"}.get(meta["params"]["mode"], "after the refit")
         for short, m in meta["matrices"].items():
             print(f"layer {args.layer} {short}: rank {m['rank']}, nnz {m['nnz']}, output error "
-                  f"{m['error_before_refit']:.4g} -> {m['error']:.4g} after the refit")
+                  f"{m['error_before_refit']:.4g} -> {m['error']:.4g} {after}")
     elif c == "materialize-realised":
         pipeline.materialize_realised(args.model_dir, args.realised, args.alloc_json, args.run_info, args.out, args.export)
     elif c == "compress":

@@ -31,11 +31,15 @@ class Run:
     alloc_key: str
     comp_key: str
     params: dict = field(hash=False, compare=False)
-    realise_key: str = ""  # CAP runs realised by glrs.realise (realise.mode: refit); "" = kept candidates as they are
+    realise_key: str = ""  # CAP runs realised by glrs.realise (realise.mode refit, wanda, sparsegpt); "" = kept
+    # candidates as they are (select)
+    realiser: str = ""  # CAP runs: the realise.mode that spends this allocation (several when realise.mode is a list)
 
     @property
     def label(self) -> str:
-        return f"{self.method}/{self.allocator}@{self.density}" if self.allocator else f"{self.method}@{self.density}"
+        if not self.allocator:
+            return f"{self.method}@{self.density}"
+        return f"{self.method}/{self.allocator}{f'+{self.realiser}' if self.realiser else ''}@{self.density}"
 
 
 @dataclass
@@ -52,9 +56,15 @@ class Plan:
     eval_keys: dict[str, str]  # dataset -> key of the evaluation protocol + text
     zeroshot_key: str = ""  # key of the zero-shot protocol (tasks, limit, lm-eval, offline task text, seed); "" = none
     stats_key: str = ""  # key of the dense model's activation statistics (glrs.stats)
-    realise_params: dict = field(default_factory=dict)
+    realise_params: dict = field(default_factory=dict)  # those of the first realise.mode (the only one, usually)
     excluded: list[str] = field(default_factory=list)  # "label: why" of each (method, density) the config names but
     # that cannot run (N:M sparsity at a density it cannot keep); make_plan leaves them out, Snakefile says so
+    realise_modes: dict = field(default_factory=dict)  # realise.mode -> its resolved settings (realise.mode a list:
+    # several realisers, each CAP allocation spent by each)
+
+    def realise_params_of(self, run: Run) -> dict:
+        """The resolved realise settings of one CAP run (those of its realiser)."""
+        return self.realise_modes.get(run.realiser, self.realise_params)
 
     # ---- paths (relative to the working directory) ----
     @property
@@ -140,9 +150,10 @@ class Plan:
         """Which CAP this is, in a few words: the Stage-1 pool, the policy and the realisation."""
         pool = self.rpca_params.get("method", "ialm")
         policy = run.params.get("policy", "") if run.allocator in allocate.NEEDS_CALIBRATION else ""
-        sparsity = self.realise_params.get("sparsity", "")  # absent: unstructured (the variant as before)
+        rp = self.realise_params_of(run)
+        sparsity = rp.get("sparsity", "")  # absent: unstructured (the variant as before)
         return " ".join(x for x in (f"pool={pool}", f"policy={policy}" if policy else "",
-                                    f"realise={self.realise_params['mode']}", f"sparsity={sparsity}" if sparsity else "")
+                                    f"realise={rp['mode']}", f"sparsity={sparsity}" if sparsity else "")
                         if x)
 
     def allocate_inputs(self, alloc_key: str) -> dict:
@@ -279,7 +290,15 @@ def make_plan(config: dict) -> Plan:
                            calib_params | {"seed": config["seed"], "split": data.SPLIT_RULE})
 
     stats_key = cas.key_of("stats", stats.STATS_VERSION, {"model": model_key, "calib": calib_key}, {})
-    realise_params = realise.resolve_params(config.get("realise"))
+    # realise.mode may list several realisers: each is resolved as if it were the only one (so its keys are those
+    # of a config naming it alone), and every CAP allocation is spent by each
+    realise_cfg = dict(config.get("realise") or {})
+    modes = realise_cfg.get("mode", realise.DEFAULTS["mode"])
+    modes = list(dict.fromkeys(modes)) if isinstance(modes, list) else [modes]
+    if not modes:
+        raise GlrsError("config key realise.mode: an empty list; name at least one realiser")
+    realise_modes = {m: realise.resolve_params(realise_cfg | {"mode": m}) for m in modes}
+    realise_params = realise_modes[modes[0]]
     runs, excluded = [], []
     nm = realise.nm_of(realise_params)
     cap_densities = list(config["target_density"])
@@ -306,15 +325,16 @@ def make_plan(config: dict) -> Plan:
             for density in cap_densities:
                 alloc_key = cas.key_of("alloc", allocate.ALLOC_VERSION, inputs,
                                        {"allocator": allocator, "density": density, "params": params, "seed": config["seed"]})
-                realise_key = ""
-                comp_inputs = {"model": model_key, "alloc": alloc_key}
-                if realise_params["mode"] == "refit":
-                    realise_key = cas.key_of("realise", realise.REALISE_VERSION,
-                                             {"model": model_key, "alloc": alloc_key, "stats": stats_key}, realise_params)
-                    comp_inputs |= {"realise": realise_key}
-                comp_key = cas.key_of("materialize", compressed.MATERIALIZE_VERSION, comp_inputs,
-                                      {"export": config.get("export", "none")})
-                runs.append(Run(method, allocator, density, alloc_key, comp_key, params, realise_key))
+                for mode, rp in realise_modes.items():
+                    realise_key = ""
+                    comp_inputs = {"model": model_key, "alloc": alloc_key}
+                    if mode != "select":  # refit, wanda, sparsegpt: per-layer realise jobs
+                        realise_key = cas.key_of("realise", realise.REALISE_VERSION,
+                                                 {"model": model_key, "alloc": alloc_key, "stats": stats_key}, rp)
+                        comp_inputs |= {"realise": realise_key}
+                    comp_key = cas.key_of("materialize", compressed.MATERIALIZE_VERSION, comp_inputs,
+                                          {"export": config.get("export", "none")})
+                    runs.append(Run(method, allocator, density, alloc_key, comp_key, params, realise_key, mode))
 
     ev = config["evaluation"]
     eval_keys = {
@@ -323,7 +343,7 @@ def make_plan(config: dict) -> Plan:
         for ds in ev["datasets"]
     }
     return Plan(config, source, model_key, layers, rpca_key, rpca_params, calib_key, calib_params, runs, eval_keys,
-                _zeroshot_key(config), stats_key, realise_params, excluded)
+                _zeroshot_key(config), stats_key, realise_params, excluded, realise_modes)
 
 
 def _lm_eval_version() -> str:

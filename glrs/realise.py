@@ -38,6 +38,29 @@ a cap of m*n with the same total (`matrix_budgets_nm`), so a target density belo
 the default `sparsity: unstructured` nothing of the above applies and the setting is left out of the
 resolved settings: keys and bytes are those of REALISE_VERSION 3.
 
+Pruning realisers (`realise.mode: wanda | sparsegpt`): the seam between allocators and realisers
+(docs/design.md section 3). Any allocation's per-matrix budget b is spent as pure sparsity (rank 0, nnz = b)
+by a baseline's own pruning rule, so that CAP's learned budgets (or OWL's, or the uniform ones) can drive
+Wanda or SparseGPT:
+  * wanda: keep the b highest scores |W_ij| * ||X_j|| row by row (`row_topk_mask`, the Wanda baseline's
+    per-row groups with an exact total; glrs.methods.wanda.wanda_scores), no weight update. ||X_j|| is
+    sqrt(H_jj) of the statistics file (H = X^T X / tokens), i.e. ||X_j|| / sqrt(tokens): one factor common to
+    every column, so the mask is the one the true norms give.
+  * sparsegpt: glrs.methods.sparsegpt.sparsegpt_prune (OBS pruning + update, blocksize 128, float32 updates) at
+    density b / (m n) with the statistics file's H; the relative dampening is `damp` (SparseGPT's percdamp, 0.01
+    by default for both), and the scale of H (divided by tokens) cancels in the update and in the saliencies.
+  Under `sparsity: "2:4"` both keep NVIDIA's 2:4 mask instead (wanda: the 2 highest scores of every 4
+  consecutive inputs, glrs.methods.base.nm_mask; sparsegpt: its N:M path), with the budgets of
+  `matrix_budgets_nm`: a matrix the allocation makes dense (budget m*n) stays dense, every other one keeps
+  exactly m*n/2 and the rest of its budget goes unspent (recorded as `leftover`; at target density 0.5 there
+  is none). Only `mode` (and `damp` for sparsegpt, and `sparsity` when not unstructured) enter their resolved
+  settings, so the refit's settings do not change their keys. The files have the refit's layout (U, sigma, V
+  empty; S_index, S_values), so materialize_realised and everything downstream is the same.
+  [departure] Each per-layer job prunes with the dense model's statistics (glrs.stats: every layer's inputs
+  from the unpruned model, all layers in parallel), not with the inputs of the already-pruned earlier
+  layers as the reference code (locuslab/wanda, IST-DASLab/sparsegpt) and glrs's baselines
+  (glrs.methods.base.sequential_layers) do. Measured cost on the embedded model: docs/departures.md.
+
 Each decoder layer is one job (`glrs realise`); it reads its layer's weights, its activation
 statistics (glrs.stats) and the allocation's JSON, and writes the factored form
 (glrs.compressed layout) with the per-matrix errors before and after the refit.
@@ -55,7 +78,12 @@ from . import cas, modelio, stats
 from .errors import GlrsError
 
 REALISE_VERSION = 3  # 2: float32 GoDec by subspace iteration; 3: refit by conjugate gradients (refit_iterations)
-MODES = ("refit", "select")
+MODES = ("refit", "select", "wanda", "sparsegpt")
+PRUNING_MODES = ("wanda", "sparsegpt")  # pure sparsity at each matrix's budget, by a baseline's pruning rule
+# The settings each pruning realiser uses (besides mode and sparsity); the others are checked, then left out of
+# its resolved settings (so of its key).
+PRUNING_SETTINGS = {"wanda": (), "sparsegpt": ("damp",)}
+SPARSEGPT_BLOCKSIZE = 128  # glrs.methods.sparsegpt's default
 DEFAULTS = {"mode": "refit", "rank_ratio": 0.1, "iterations": 40, "damp": 0.01, "refit_iterations": 30}
 # `sparsity` is a setting too, but only a non-default value is kept in the resolved settings (so the keys and
 # file bytes of unstructured runs are those made before it existed).
@@ -85,11 +113,13 @@ def resolve_params(params: dict | None) -> dict:
     if sparsity not in SPARSITY:
         raise GlrsError(f"config key realise.sparsity: {sparsity!r} is not one of {list(SPARSITY)}")
     if SPARSITY[sparsity] is not None:
-        if p["mode"] != "refit":
-            raise GlrsError(f"config key realise.sparsity: {sparsity} needs realise.mode refit (mode select keeps "
-                            "the Stage-1 candidates as they are, which follow no N:M pattern)")
+        if p["mode"] == "select":
+            raise GlrsError(f"config key realise.sparsity: {sparsity} needs realise.mode refit, wanda or sparsegpt "
+                            "(mode select keeps the Stage-1 candidates as they are, which follow no N:M pattern)")
         del p["rank_ratio"]  # ignored under N:M: the sparse part takes exactly N/M of the matrix, the rank the rest
         p["sparsity"] = sparsity
+    if p["mode"] in PRUNING_MODES:  # only what the pruning rule uses is a setting of it
+        p = {k: v for k, v in p.items() if k in ("mode", "sparsity") + PRUNING_SETTINGS[p["mode"]]}
     return p
 
 
@@ -349,6 +379,50 @@ def realise_matrix(W: torch.Tensor, H: torch.Tensor, budget: int, params: dict) 
     return factors, record
 
 
+# ---- the pruning realisers (realise.mode wanda | sparsegpt) ----------------------------------------
+
+def prune_matrix(W: torch.Tensor, H: torch.Tensor, budget: int, params: dict) -> tuple[dict, dict]:
+    """(factors in glrs.compressed layout, record): W [m, n] pruned to exactly `budget` nonzeros (rank 0) by
+    Wanda's score or SparseGPT's OBS pruning (params["mode"]); H = X^T X / tokens. Under N:M sparsity the N:M
+    mask (`budget` >= m*n*N/M; the rest, `leftover`, unspent), and a budget of m*n keeps W whole."""
+    from .methods.base import LayerStats, nm_mask
+    from .methods.sparsegpt import sparsegpt_prune
+    from .methods.wanda import wanda_scores
+
+    m, n = W.shape
+    mode, nm = params["mode"], nm_of(params)
+    H = H.to(W.device, torch.float64)
+    extra = {}
+    if nm is not None:
+        _, nnz, _ = split_budget_nm((m, n), budget, nm)  # checks the budget's range (and n % M)
+        extra = {"dense": nnz == m * n, "leftover": budget - nnz}
+    elif not 0 <= budget <= m * n:
+        raise GlrsError(f"budget {budget} outside [0, {m * n}] for a {m} x {n} matrix")
+    if budget >= m * n:  # dense: every entry kept, as in the refit's layout
+        mask, W_new = torch.ones(m, n, dtype=torch.bool, device=W.device), W
+    elif mode == "wanda":
+        scores = wanda_scores(W, LayerStats(H=H, abs_mean=H.new_zeros(0), tokens=0))  # |W_ij| sqrt(H_jj)
+        mask = row_topk_mask(scores, budget) if nm is None else nm_mask(scores, nm)
+        W_new = W * mask
+    elif mode == "sparsegpt":
+        W_new, mask = sparsegpt_prune(W, H, budget / (m * n), nm, SPARSEGPT_BLOCKSIZE, float(params["damp"]))
+    else:
+        raise GlrsError(f"realise.mode {mode!r} is not a pruning realiser; known: {list(PRUNING_MODES)}")
+    W64 = W.to(torch.float64)
+    den = float((W64 @ H * W64).sum())
+    index = torch.nonzero(mask.reshape(-1)).squeeze(1)
+    nnz = int(index.numel())
+    if nm is None and nnz != budget:
+        raise GlrsError(f"realise.mode {mode}: kept {nnz} entries of a {m} x {n} matrix, its budget is {budget}")
+    factors = {"U": W64.new_zeros(m, 0), "sigma": W64.new_zeros(0), "V": W64.new_zeros(n, 0), "S_index": index,
+               "S_values": W_new.reshape(-1)[index].to(torch.float64)}
+    error = output_error(W64, W_new.to(torch.float64) * mask, H, den)
+    # error_before_refit: the pruned weights without any update (Wanda makes none; SparseGPT's OBS update is
+    # what separates the two)
+    before = output_error(W64, W64 * mask, H, den) if mode == "sparsegpt" else error
+    return factors, {"rank": 0, "nnz": nnz, "params": nnz, "error_before_refit": before, "error": error} | extra
+
+
 # ---- the per-layer job --------------------------------------------------------------------------
 
 def realise_layer(model_dir: str, stats_file: str, alloc_json: str, layer: int, params: dict, out: str,
@@ -369,7 +443,8 @@ def realise_layer(model_dir: str, stats_file: str, alloc_json: str, layer: int, 
             name = modelio.weight_name(layer, short)
             if name not in budgets:
                 raise GlrsError(f"the allocation {alloc_json} has no budget for {name}; it was made for other layers")
-            factors, rec = realise_matrix(W.to(device), H[short].to(device), budgets[name], p)
+            spend = prune_matrix if p["mode"] in PRUNING_MODES else realise_matrix
+            factors, rec = spend(W.to(device), H[short].to(device), budgets[name], p)
             for part in PARTS:
                 t = factors[part].to("cpu")
                 tensors[f"{short}.{part}"] = (t if part == "S_index" else t.to(W.dtype)).contiguous()

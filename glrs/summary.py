@@ -125,7 +125,7 @@ def collect_rows(results: str | Path = "results") -> list[dict]:
                 row[f"seconds_{stage}"] = seconds
         out.append(row)
     out.sort(key=lambda r: (str(r["model"]), r["method"] != "dense", str(r["method"]), str(r["allocator"]),
-                            float(r["target_density"] or 0)))
+                            str(r.get("variant") or ""), float(r["target_density"] or 0)))
     return out
 
 
@@ -166,12 +166,13 @@ def _float(value) -> float | None:
 
 
 def sort_rows(rows: list[dict]) -> list[dict]:
-    """Each method's rows together, dense first; then by method, allocator, model, seed and target density
-    (each curve of the figures reads top to bottom)."""
+    """Each method's rows together, dense first; then by method, allocator, variant (e.g. CAP's realiser:
+    realise=wanda), model, seed and target density (each curve of the figures reads top to bottom)."""
     def key(r):
         density = _float(r.get("target_density"))
         return (r.get("method") != "dense", str(r.get("method", "")), str(r.get("allocator", "")),
-                str(r.get("model", "")), str(r.get("seed", "")), 1.0 if density is None else density)
+                str(r.get("variant") or ""), str(r.get("model", "")), str(r.get("seed", "")),
+                1.0 if density is None else density)
 
     return sorted(rows, key=key)
 

@@ -19,8 +19,12 @@ from glrs import (allocate, compressed, config as glrs_config, data, evaluate, m
                   stats, zeroshot)
 
 
-@pytest.fixture(scope="module", params=[("refit", "none"), ("select", "none"), ("select", "ialm")],
-                ids=["refit-none", "select-none", "select-ialm"])
+SEVERAL = ["refit", "wanda", "sparsegpt"]  # realise.mode as a list: every allocation realised by each
+
+
+@pytest.fixture(scope="module", params=[("refit", "none"), ("select", "none"), ("select", "ialm"), ("wanda", "none"),
+                                        (SEVERAL, "none")],
+                ids=["refit-none", "select-none", "select-ialm", "wanda-none", "several-none"])
 def base_config(tiny_llama_dir, request):
     cfg = glrs_config.load()
     cfg |= {"model": str(tiny_llama_dir), "layers": "all", "methods": ["cap", "wanda"],
@@ -108,6 +112,15 @@ def _set(cfg: dict, path: str, value):
     cfg[last] = value
 
 
+def _realised(p, *modes) -> set[str]:
+    return {f"realise:{r.label}" for r in p.realised_runs if r.realiser in modes}
+
+
+def _modes(cfg) -> list[str]:
+    mode = cfg["realise"]["mode"]
+    return mode if isinstance(mode, list) else [mode]
+
+
 # (what is changed, how, the nodes it reaches first)
 VERSION_CHANGES = [
     ("model", modelio, "PREPARE_VERSION", lambda p: {"model"}),
@@ -159,8 +172,10 @@ PARAM_CHANGES = [
      lambda p: {f"alloc:{r.label}" for r in p.cap_runs if r.allocator == "cap"}),
     ("cap.pairs_per_step", "allocator_params.cap.pairs_per_step", 2,
      lambda p: {f"alloc:{r.label}" for r in p.cap_runs if r.allocator == "cap"}),
-    ("realise.iterations", "realise.iterations", 7, lambda p: {f"realise:{r.label}" for r in p.realised_runs}),
-    ("realise.rank_ratio", "realise.rank_ratio", 0.2, lambda p: {f"realise:{r.label}" for r in p.realised_runs}),
+    # the refit's own settings reach only the refit's realisations; damp is also SparseGPT's (its percdamp)
+    ("realise.iterations", "realise.iterations", 7, lambda p: _realised(p, "refit")),
+    ("realise.rank_ratio", "realise.rank_ratio", 0.2, lambda p: _realised(p, "refit")),
+    ("realise.damp", "realise.damp", 0.05, lambda p: _realised(p, "refit", "sparsegpt")),
     ("wanda.batch_size", "method_params.wanda.batch_size", 8,
      lambda p: {f"comp:{r.label}" for r in p.baseline_runs if r.method == "wanda"}),
     ("export", "export", "dense", lambda p: {f"comp:{r.label}" for r in p.runs}),  # hf/ is in the output
@@ -231,7 +246,7 @@ def test_realise_sparsity_reaches_exactly_the_realise_keys(base_config):
     `unstructured` is the default (the keys made before the setting existed)."""
     cfg = copy.deepcopy(base_config)
     cfg["target_density"] = [0.5, 0.6]  # 2:4 needs >= 0.5
-    if cfg["realise"]["mode"] != "refit":
+    if "select" in _modes(cfg):
         with pytest.raises(glrs_plan.GlrsError, match="mode refit"):
             glrs_plan.make_plan(copy.deepcopy(cfg) | {"realise": cfg["realise"] | {"sparsity": "2:4"}})
         return
@@ -254,7 +269,7 @@ def test_nm_runs_at_densities_they_cannot_keep_are_left_out(base_config):
     """2:4 keeps at least (CAP's realisation, OATS) or exactly (Wanda) half of each matrix: the plan leaves
     out the other densities and says so; a method left with no density at all is an error."""
     cfg = copy.deepcopy(base_config)
-    if cfg["realise"]["mode"] != "refit":
+    if "select" in _modes(cfg):
         return
     cfg["methods"] = ["cap", "wanda", "oats"]
     cfg["target_density"] = [0.4, 0.5, 0.6]
@@ -266,7 +281,76 @@ def test_nm_runs_at_densities_they_cannot_keep_are_left_out(base_config):
     assert {d for m, d in got if m == "cap"} == {0.5, 0.6} and {d for m, d in got if m == "oats"} == {0.5, 0.6}
     assert {d for m, d in got if m == "wanda"} == {0.5}
     assert sorted(x.split(":")[0] for x in p.excluded) == ["cap@0.4", "oats@0.4", "wanda@0.4", "wanda@0.6"]
-    assert not plain.excluded and len(plain.runs) == len(p.runs) + len(cfg["allocators"]) + 3  # cap@0.4 per allocator
+    # cap@0.4 per allocator and realiser
+    assert not plain.excluded and len(plain.runs) == len(p.runs) + len(cfg["allocators"]) * len(_modes(cfg)) + 3
     cfg["target_density"] = [0.4]
     with pytest.raises(glrs_plan.GlrsError, match="none of"):
+        glrs_plan.make_plan(cfg)
+
+
+# ---- the seam: several realisers of one allocation (realise.mode a list) ------------------------------------
+
+def test_default_refit_key_is_unchanged(base_config):
+    """The refit's resolved settings, and so the realise key of the default config, are those made before the
+    pruning realisers existed (pinned: d1a878308494 over fixed input keys); naming the mode, or a list of it
+    alone, plans the same keys and paths."""
+    from glrs import cas
+
+    assert cas.key_of("realise", realise.REALISE_VERSION, {"model": "m", "alloc": "a", "stats": "s"},
+                      realise.resolve_params({})) == "d1a878308494"
+    cfg = copy.deepcopy(base_config)
+    if _modes(cfg) != ["refit"]:
+        return
+    plain = nodes(glrs_plan.make_plan(copy.deepcopy(cfg)))
+    for mode in (["refit"], None):
+        other = copy.deepcopy(cfg)
+        if mode is None:
+            del other["realise"]["mode"]
+        else:
+            other["realise"]["mode"] = mode
+        assert nodes(glrs_plan.make_plan(other)) == plain
+
+
+def test_several_realisers_are_the_union_of_single_ones(base_config):
+    """realise.mode [refit, wanda, sparsegpt]: every allocation is realised by each; each realiser's keys are the
+    ones a config naming it alone plans, the allocations are shared, and the variant (info.json, summary.csv)
+    names the realiser."""
+    cfg = copy.deepcopy(base_config)
+    if "select" in _modes(cfg) or cfg["rpca"]["method"] != "none":
+        return
+    cfg["realise"]["mode"] = SEVERAL
+    several = glrs_plan.make_plan(copy.deepcopy(cfg))
+    got = {(r.allocator, r.density, r.realiser): (r.alloc_key, r.realise_key, r.comp_key) for r in several.cap_runs}
+    assert len(got) == len(several.cap_runs) == len(cfg["allocators"]) * len(cfg["target_density"]) * len(SEVERAL)
+    assert len({r.realise_key for r in several.cap_runs}) == len(several.cap_runs)  # one realisation each
+    assert len({r.comp_key for r in several.runs}) == len(several.runs)
+    assert len(nodes(several)) == len(set(nodes(several)))  # labels tell the realisers apart
+    for mode in SEVERAL:
+        one = copy.deepcopy(cfg)
+        one["realise"]["mode"] = mode
+        alone = glrs_plan.make_plan(one)
+        assert {(r.allocator, r.density, r.realiser): (r.alloc_key, r.realise_key, r.comp_key)
+                for r in alone.cap_runs} == {k: v for k, v in got.items() if k[2] == mode}
+        assert {r.comp_key for r in alone.baseline_runs} == {r.comp_key for r in several.baseline_runs}
+        for r in several.cap_runs:
+            if r.realiser == mode:
+                assert several.realise_params_of(r) == alone.realise_params
+                assert f"realise={mode}" in several.cap_variant(r) == several.run_info(r)["variant"]
+    assert several.realise_params == several.realise_modes["refit"]
+    assert {k[:2] for k in got} == {(r.allocator, r.density) for r in several.cap_runs}
+    assert len({r.alloc_key for r in several.cap_runs}) == len(cfg["allocators"]) * len(cfg["target_density"])
+
+
+def test_pruning_realisers_take_24_and_select_does_not(base_config):
+    cfg = copy.deepcopy(base_config)
+    if cfg["rpca"]["method"] != "none":
+        return
+    cfg["target_density"] = [0.5]
+    cfg["realise"] = {"mode": ["wanda", "sparsegpt"], "sparsity": "2:4"}
+    p = glrs_plan.make_plan(copy.deepcopy(cfg))
+    assert all(p.cap_variant(r).endswith(f"realise={r.realiser} sparsity=2:4") for r in p.cap_runs)
+    assert all(p.realise_params_of(r) == realise.resolve_params({"mode": r.realiser, "sparsity": "2:4"})
+               for r in p.cap_runs)
+    cfg["realise"]["mode"] = ["wanda", "select"]
+    with pytest.raises(glrs_plan.GlrsError, match="mode refit, wanda or sparsegpt"):
         glrs_plan.make_plan(cfg)

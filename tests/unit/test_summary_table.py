@@ -181,3 +181,24 @@ def test_protocol_column_tells_two_evaluations_of_one_model_apart(tmp_path, caps
 def test_summary_of_a_missing_file_says_to_run_the_pipeline(tmp_path, capsys):
     assert main(["summary", str(tmp_path / "nope.csv")]) == 2
     assert "run the pipeline first" in capsys.readouterr().err
+
+
+def test_realisers_of_one_allocation_are_rows_of_their_own(tmp_path, capsys):
+    """realise.mode [wanda, sparsegpt]: one allocation spent by two realisers gives two rows, told apart by the
+    variant column (which names the realiser), each realiser's rows together."""
+    header = summary.ID_COLUMNS + ["ppl_pydoc"]
+    rows = [{"model": "m", "method": "cap", "allocator": a, "variant": f"pool=none realise={r}", "target_density": d,
+             "achieved_density": d, "ppl_pydoc": 20.0 + i}
+            for i, (a, r, d) in enumerate([("uniform", "wanda", 0.6), ("uniform", "sparsegpt", 0.5),
+                                           ("uniform", "wanda", 0.5), ("uniform", "sparsegpt", 0.6)])]
+    path = tmp_path / "summary.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = _table_rows(_glrs(capsys, str(path)))
+    col = table[0].index("variant")
+    assert [(r[col], r[col + 1]) for r in table[1:]] == [("pool=none realise=sparsegpt", "0.5"),
+                                                         ("pool=none realise=sparsegpt", "0.6"),
+                                                         ("pool=none realise=wanda", "0.5"),
+                                                         ("pool=none realise=wanda", "0.6")]

@@ -8,7 +8,7 @@ rule plot_allocation:
     conda:
         "../../envs/glrs.yaml"
     input:
-        [PLAN.alloc_json(r) for r in PLAN.cap_runs],
+        list(dict.fromkeys(PLAN.alloc_json(r) for r in PLAN.cap_runs)),  # one per allocation (several realisers share it)
     output:
         report(f"{RESULTS}/plots/allocation.png", caption="../report/allocation.rst", category="Figures"),
     log:

@@ -1,5 +1,6 @@
 # CAP's realisation (glrs/realise.py): the dense model's activation statistics (one job), then one job per
-# (allocation, layer) that spends the allocation's per-matrix budgets on refitted low-rank + sparse weights.
+# (allocation, realiser, layer) that spends the allocation's per-matrix budgets: refitted low-rank + sparse weights
+# (realise.mode refit) or pure sparsity by Wanda's or SparseGPT's pruning rule (wanda, sparsegpt).
 
 
 rule activations:
@@ -40,7 +41,7 @@ rule realise:
         realise_key=key_pattern(r.realise_key for r in PLAN.realised_runs),
         layer=r"\d+",
     params:
-        settings=shell_json(PLAN.realise_params),
+        settings=lambda wc: shell_json(PLAN.realise_params_of(PLAN.run_by_realise_key(wc.realise_key))),
         device=config["device"],
     threads: 1
     resources:
