@@ -218,3 +218,21 @@ def test_cap_compressed_model_loads_and_computes_its_composed_weights(arch_model
     else:
         assert torch.equal(compressed.lm_head.weight, original.lm_head.weight)
         assert not torch.equal(compressed.lm_head.weight, compressed.model.embed_tokens.weight)
+
+
+def test_paper_policy_engine_runs_on_the_architecture(arch_model, tmp_path):
+    """The paper's per-entry policy (glrs/cap/candidates.py's engine composes each layer's sampled weights
+    into the modules while that layer runs) on the architecture: one step, the exact budget."""
+    from glrs import pipeline, stats
+    from glrs.stage1 import Stage1
+
+    arch, _, prepared, ids = arch_model
+    calib = tmp_path / "calib.safetensors"
+    save_file({"input_ids": ids.contiguous()}, str(calib))
+    stats.collect(str(prepared), ids, [0, 1], str(tmp_path / "stats"))
+    info = pipeline.run_allocator(Stage1.from_weights(prepared, [0, 1]), "cap", 0.5,
+                                  {"policy": "entry", "max_steps": 1, "samples_per_step": 2, "baseline": "loo"}, 0,
+                                  str(prepared), str(calib), str(tmp_path / "a.json"), str(tmp_path / "a.safetensors"),
+                                  "cpu", [str(stats.layer_file(tmp_path / "stats", i)) for i in (0, 1)])
+    assert info["stage2"]["steps"] == 1 and math.isfinite(info["stage2"]["expected_density"]), info["stage2"]
+    assert abs(info["achieved_density"] - 0.5) < 1e-3
