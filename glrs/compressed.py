@@ -305,37 +305,26 @@ class LowRankSparseLinear(nn.Module):
         """Hold the sparse part as a 2:4 semi-structured tensor (needs CUDA, fp16/bf16, a 2:4 support)."""
         from torch.sparse import to_sparse_semi_structured
 
+        from torch.sparse import SparseSemiStructuredTensor
+
         mask = self.support_mask()
         if not is_2to4(mask):
             raise GlrsError("to_semi_structured needs a sparse part in the 2:4 pattern; this matrix's support is not")
+        SparseSemiStructuredTensor._FUSE_TRANSPOSE = True  # cuSPARSELt writes y = x S^T row-major: no transpose copy
         self.semi_structured = to_sparse_semi_structured(self.sparse_weight())
         self.values = nn.Parameter(self.values.new_zeros(0), requires_grad=False)
         self.bitmask = None
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.semi_structured is not None:
-            flat = x.reshape(-1, self.in_features)
-            y = F.linear(flat, self.semi_structured).reshape(*x.shape[:-1], self.out_features)
-        else:
-            y = F.linear(x, self.sparse_weight(x.dtype))
-        if self.U.shape[1]:
-            y = y + (x @ self.V.to(x.dtype)) @ self.U.to(x.dtype).T
+        flat = x.reshape(-1, self.in_features)
+        W = self.semi_structured if self.semi_structured is not None else self.sparse_weight(x.dtype)
+        y = F.linear(flat, W)
+        if self.U.shape[1]:  # the low rank added in the product's epilogue (one pass over y, not three)
+            y = y.addmm_(flat @ self.V.to(x.dtype), self.U.to(x.dtype).T)
         if self.bias is not None:
             y = y + self.bias
-        return y
-
-
-def use_semi_structured(model: nn.Module) -> int:
-    """Hold every 2:4 sparse part of `model` as a semi-structured tensor (sparse tensor cores: CUDA, fp16 or
-    bf16); returns how many modules changed. Others stay as they are."""
-    n = 0
-    for mod in model.modules():
-        if isinstance(mod, LowRankSparseLinear) and mod.semi_structured is None and mod.values.numel() \
-                and is_2to4(mod.support_mask()):
-            mod.to_semi_structured()
-            n += 1
-    return n
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 # ---- loading -------------------------------------------------------------------------------------
