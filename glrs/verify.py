@@ -98,11 +98,6 @@ def verify(results: str | Path = "results", sample: int = 2, seed: int = 0,
     return report
 
 
-def verify_rpca(results: str | Path = "results", sample: int = 2, seed: int = 0) -> list[dict]:
-    """Decompositions only (the check of earlier versions)."""
-    return verify(results, sample, seed, kinds=("rpca",))
-
-
 # ---- one check per kind ---------------------------------------------------------------------------
 
 def _outcome(kind: str, cached: Path, fresh: Path, recorded: dict | None, now: dict, numeric) -> dict:

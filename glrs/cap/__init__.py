@@ -283,18 +283,11 @@ def resolve_params(params: dict | None, space: str = "cap") -> dict:
 
 # ---- the allocator -------------------------------------------------------------------------------------
 
-def allocate(pools: list[_alloc.MatrixPool], density: float, params: dict | None, seed: int, model_dir: str | None,
-             stage1, calib_ids: torch.Tensor | None, space: str = "cap",
-             device: str = "cpu", stats_files: Sequence[str] | None = None) -> _alloc.Allocation:
-    """CAP Stage 2 over `space` ("cap" | "lowrank-only" | "sparse-only"): see the module docstring.
-    `stage1`: where the pools' factors are read from (a glrs.stage1.Stage1, or the decompose files)."""
-    return allocate_with_info(pools, density, params, seed, model_dir, stage1, calib_ids, space, device,
-                              stats_files)[0]
-
-
 def allocate_with_info(pools, density, params, seed, model_dir, stage1, calib_ids, space="cap", device="cpu",
                        stats_files=None):
-    """As `allocate`, plus a dict of what happened (steps, losses, baselines, expected density)."""
+    """CAP Stage 2 over `space` ("cap" | "lowrank-only" | "sparse-only"), see the module docstring: (the
+    allocation, a dict of what happened: steps, losses, baselines, expected density). `stage1`: where the
+    pools' factors are read from (a glrs.stage1.Stage1, or the decompose files)."""
     p = resolve_params(params, space)
     if p["policy"] == "budget":
         return _allocate_budgets(pools, density, p, seed, model_dir, calib_ids, torch.device(device), stats_files)

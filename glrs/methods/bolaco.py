@@ -490,4 +490,3 @@ class Bolaco:
 
 
 BOLACO = Bolaco()
-METHOD = BOLACO

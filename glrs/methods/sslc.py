@@ -279,4 +279,3 @@ class SSLCMethod:
 
 
 SSLC = SSLCMethod()  # registry attribute: glrs.methods registers ("sslc", "SSLC")
-METHOD = SSLC
