@@ -329,20 +329,33 @@ class LowRankSparseLinear(nn.Module):
 
 # ---- loading -------------------------------------------------------------------------------------
 
+class _EmptyOnMeta(torch.overrides.TorchFunctionMode):
+    """torch.empty without a device goes to the meta device: the storage of nn.Linear / nn.Embedding
+    weights is never allocated (buffers computed by arange, tensor, ... stay real)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.empty and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
 @contextmanager
 def _params_on_meta():
-    """Build modules with their parameters on the meta device (no storage), buffers as usual (rotary
-    tables are computed at construction and kept)."""
+    """Build modules with their parameters on the meta device (no storage, not even for a moment, so the
+    host memory while loading is what the compact tensors need), buffers as usual (rotary tables and
+    embedding scales are computed at construction and kept)."""
     register = nn.Module.register_parameter
 
     def on_meta(module, name, param):
-        if param is not None:
+        if param is not None and not param.is_meta:
             param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
         register(module, name, param)
 
     nn.Module.register_parameter = on_meta
     try:
-        yield
+        with _EmptyOnMeta():
+            yield
     finally:
         nn.Module.register_parameter = register
 
