@@ -310,7 +310,10 @@ class LowRankSparseLinear(nn.Module):
         mask = self.support_mask()
         if not is_2to4(mask):
             raise GlrsError("to_semi_structured needs a sparse part in the 2:4 pattern; this matrix's support is not")
-        SparseSemiStructuredTensor._FUSE_TRANSPOSE = True  # cuSPARSELt writes y = x S^T row-major: no transpose copy
+        # cuSPARSELt writes y = x S^T row-major. Alone it is slower (benchmarks/semi_structured_probe.py: 0.51 against
+        # 0.29 ms, 14336 x 4096, 2048 tokens, H100), but without it every output is a transposed view that the
+        # model then copies: the 8B-shaped model's prefill took 185 ms instead of 87 ms (1 x 2048, H100, bf16).
+        SparseSemiStructuredTensor._FUSE_TRANSPOSE = True
         self.semi_structured = to_sparse_semi_structured(self.sparse_weight())
         self.values = nn.Parameter(self.values.new_zeros(0), requires_grad=False)
         self.bitmask = None
