@@ -3,8 +3,9 @@
 
 One record per (model, form, device, dtype, batch, seqlen) in the list `runs`: ms_prefill (one forward of
 batch x seqlen tokens), ms_decode_token (one step of batch new tokens after a seqlen-token context, KV
-cache), weight_bytes (parameters and buffers the model holds), peak_bytes (peak GPU memory of the run;
-on the CPU the process's peak RSS), ppl (the form on the evaluation text when the weights are real; null
+cache), weight_bytes (parameters and buffers the model holds), peak_bytes (peak GPU memory since the form
+was built, its construction included: the synthetic forms are converted from a dense model on the GPU, so
+theirs include it; on the CPU the process's peak RSS), ppl (the form on the evaluation text when the weights are real; null
 for the random 8B-shaped model, where speed does not depend on the values).
 
 Two sources:

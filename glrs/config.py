@@ -37,6 +37,22 @@ def _allowed(schema: dict) -> str:
 LIST_KEYS = ("methods", "allocators", "target_density")
 
 
+def _typed_strings(value):
+    """Strings inside nested --config values typed as YAML would type them: Snakemake hands
+    `--config 'rpca={method: none, lambda_scale: 2}'` over as {'method': 'none', 'lambda_scale': '2'}."""
+    if isinstance(value, dict):
+        return {k: _typed_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_typed_strings(v) for v in value]
+    if isinstance(value, str):
+        try:
+            typed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        return typed if isinstance(typed, (bool, int, float)) or typed is None else value
+    return value
+
+
 def validate(config: dict, schema_path: Path = SCHEMA) -> dict:
     """Raise GlrsError naming the offending key and the allowed values.
 
@@ -44,6 +60,9 @@ def validate(config: dict, schema_path: Path = SCHEMA) -> dict:
     for key in LIST_KEYS:
         if key in config and not isinstance(config[key], list):
             config[key] = [config[key]]
+    for key, value in config.items():  # top-level strings stay as given (model: a path may look like a number)
+        if isinstance(value, (dict, list)):
+            config[key] = _typed_strings(value)
     schema = yaml.safe_load(schema_path.read_text())
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if not errors:

@@ -53,3 +53,12 @@ def test_every_cap_setting_with_its_default_passes_the_schema(default):
     cfg = copy.deepcopy(default)
     cfg["allocator_params"]["cap"] = dict(cap.ALLOC_PARAMS_DEFAULTS)
     config.validate(cfg)
+
+
+def test_nested_command_line_values_are_typed_as_yaml():
+    """`snakemake --config 'rpca={method: none, lambda_scale: 2}'` hands the numbers over as strings."""
+    cfg = config.load()
+    cfg["rpca"] = {"method": "none", "lambda_scale": "2", "max_iter": "300"}
+    cfg["realise"] = {"damp": "0.02"}
+    out = config.validate(cfg)
+    assert out["rpca"] == {"method": "none", "lambda_scale": 2, "max_iter": 300} and out["realise"]["damp"] == 0.02
