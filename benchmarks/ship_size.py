@@ -7,7 +7,7 @@ export), against the prepared model's target matrices and directory, in the stor
 model re-encoded in bfloat16 (every floating tensor cast, the supports unchanged: what `dtype: bfloat16`
 would write) against the prepared model's bfloat16 bytes (its floating tensors at 2 bytes).
 
-    python benchmarks/ship_size.py results [--out results/benchmarks/ship_size.json]
+    python benchmarks/ship_size.py results [other-results ...] [--out results/benchmarks/ship_size.json]
 """
 from __future__ import annotations
 
@@ -67,11 +67,11 @@ def measure(comp: Path, results: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("results")
+    ap.add_argument("results", nargs="+")
     ap.add_argument("--out", default="results/benchmarks/ship_size.json")
     args = ap.parse_args()
-    results = Path(args.results)
-    rows = [measure(p, results) for p in sorted(results.glob("compressed/*")) if compressed.is_compressed(p)]
+    rows = [measure(p, Path(results)) for results in args.results
+            for p in sorted(Path(results).glob("compressed/*")) if compressed.is_compressed(p)]
     rows.sort(key=lambda r: (r["method"], r["allocator"], r["target_density"]))
     for r in rows:
         print(f"{r['method']:<10} {r['allocator']:<8} {r['target_density']:<5} {','.join(r['patterns']):<24} "
