@@ -75,6 +75,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import cas, modelio, stats
+from .methods.base import row_topk_mask
 from .errors import GlrsError
 
 REALISE_VERSION = 3  # 2: float32 GoDec by subspace iteration; 3: refit by conjugate gradients (refit_iterations)
@@ -216,33 +217,6 @@ def split_budget(shape: tuple[int, int], budget: int, rank_ratio: float) -> tupl
 
 
 # ---- the decomposition ----------------------------------------------------------------------------
-
-def row_topk_mask(scores: torch.Tensor, keep_total: int) -> torch.Tensor:
-    """glrs.methods.base.row_topk_mask, the same mask (ties to the lower column index, the extra entries
-    to the rows whose next-best score is highest), from a partial selection (topk) instead of a full
-    sort of every row: several times faster."""
-    m, n = scores.shape
-    base, extra = divmod(int(keep_total), m) if m else (0, 0)
-    if base >= n:
-        return torch.ones_like(scores, dtype=torch.bool)
-    if base > 0:
-        thr = torch.topk(scores, base, dim=1, sorted=False).values.amin(1, keepdim=True)  # base-th largest
-        mask = scores >= thr
-        over = (mask.sum(1) > base).nonzero().squeeze(1)
-        if over.numel():  # ties at the threshold: the lowest columns first
-            sc, th = scores[over], thr[over]
-            tie = sc == th
-            need = base - (sc > th).sum(1, keepdim=True)
-            mask[over] = (sc > th) | (tie & (torch.cumsum(tie, 1) <= need))
-    else:
-        mask = torch.zeros_like(scores, dtype=torch.bool)
-    if extra > 0:
-        rest = scores.masked_fill(mask, -float("inf"))
-        cand, col = rest.max(1)  # first maximal column: what a stable descending sort puts at `base`
-        rows = torch.argsort(cand, descending=True, stable=True)[:extra]
-        mask[rows, col[rows]] = True
-    return mask
-
 
 def _orth(A: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(A).Q

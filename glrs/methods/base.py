@@ -412,23 +412,31 @@ def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 def row_topk_mask(scores: torch.Tensor, keep_total: int) -> torch.Tensor:
-    """Per-output-row comparison groups with an exact total.
-
-    Each row keeps floor(keep_total / m) or that plus one of its highest scores;
-    the rows that keep one more are those whose next-best score is highest. When
-    keep_total is a multiple of m (the usual case for real models at round
-    densities) this is exactly per-row top-k.
-    """
+    """Per-output-row comparison groups with an exact total: each row keeps floor(keep_total / m) or one more
+    of its highest scores (ties to the lower column index); the rows that keep one more are those whose
+    next-best score is highest. When keep_total is a multiple of m this is exactly per-row top-k. By a
+    partial selection (topk), not a full sort of every row: several times faster, the same mask (a test
+    holds it equal to the sort, ties included)."""
     m, n = scores.shape
-    base, extra = divmod(int(keep_total), m)
-    order = torch.argsort(scores, dim=1, descending=True, stable=True)
-    mask = torch.zeros_like(scores, dtype=torch.bool)
+    base, extra = divmod(int(keep_total), m) if m else (0, 0)
+    if base >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
     if base > 0:
-        mask.scatter_(1, order[:, :base], True)
+        thr = torch.topk(scores, base, dim=1, sorted=False).values.amin(1, keepdim=True)  # base-th largest
+        mask = scores >= thr
+        over = (mask.sum(1) > base).nonzero().squeeze(1)
+        if over.numel():  # ties at the threshold: the lowest columns first
+            sc, th = scores[over], thr[over]
+            tie = sc == th
+            need = base - (sc > th).sum(1, keepdim=True)
+            mask[over] = (sc > th) | (tie & (torch.cumsum(tie, 1) <= need))
+    else:
+        mask = torch.zeros_like(scores, dtype=torch.bool)
     if extra > 0:
-        cand = scores.gather(1, order[:, base:base + 1]).squeeze(1)
+        rest = scores.masked_fill(mask, -float("inf"))
+        cand, col = rest.max(1)  # first maximal column: what a stable descending sort puts at `base`
         rows = torch.argsort(cand, descending=True, stable=True)[:extra]
-        mask[rows, order[rows, base]] = True
+        mask[rows, col[rows]] = True
     return mask
 
 
