@@ -9,7 +9,7 @@ layer gets: Stage 2's decision) and re-derives the weights that spend them:
 
 1. Split. A matrix's budget b (parameters) goes to rank r = floor(rank_ratio * b / (m + n)) and
    k = b - r (m + n) sparse entries (rank_ratio 0.1: on the same layer 0.0, 0.05, 0.1, 0.2 were
-   screened; see README).
+   screened; see docs/departures.md, CAP's realisation).
 2. Decompose in the activation-scaled space, D = diag(sqrt(H_jj)): alternating projections
    L <- best rank-r of (W D - S), S <- the k largest |entries| of (W D - L) row by row
    (GoDec; the same iteration OATS uses), `iterations` times; unscale by D^-1. Since version 2 in

@@ -19,7 +19,7 @@ Outcomes, one per sampled output:
 
 Kinds: `rpca` (results/rpca), `calib` (results/calib), `stats` (results/stats: activation
 statistics), `alloc` (results/alloc), `realise` (results/realise: CAP's realised layers),
-`compressed` (results/compressed: factored checkpoint, dense export, info.json). Outputs that
+`compressed` (results/compressed: the compact checkpoint, info.json; hf/ with export: dense). Outputs that
 record no conditions (older files; stats and realise files so far) are recomputed under this
 process's conditions and, where their bytes differ, compared numerically.
 
