@@ -34,6 +34,17 @@ NEEDS_CALIBRATION = ("cap", "lowrank-only", "sparse-only")
 NEEDS_STATS = ("owl",)
 
 
+def keeps_prefixes(allocator: str, params: dict) -> bool:
+    """Whether the allocation keeps a prefix of every matrix's candidates (its top components and largest
+    entries): every allocator but CAP's per-candidate policies. Its per-matrix counts (the .json) then
+    say everything, and no keep-masks need be written."""
+    if allocator in NEEDS_CALIBRATION:
+        from . import cap
+
+        return cap.resolve_params(params, allocator)["policy"] == "budget"
+    return True
+
+
 def needs_stats(allocator: str, params: dict) -> bool:
     """Whether an allocation job reads the activations job's files: OWL, and CAP's budget policy."""
     return allocator in NEEDS_STATS or (allocator in NEEDS_CALIBRATION and params.get("policy") == "budget")
@@ -68,6 +79,15 @@ class MatrixPool:
 class Allocation:
     rank_keep: dict[str, torch.Tensor]  # name -> bool [R]
     sparse_keep: dict[str, torch.Tensor]  # name -> bool [K]
+
+    @classmethod
+    def of_prefixes(cls, matrices: dict) -> "Allocation":
+        """The keep-masks of an allocation that kept prefixes, from its .json's per-matrix counts."""
+        return cls({n: _prefix_mask(m["rank_available"], m["rank"]) for n, m in matrices.items()},
+                   {n: _prefix_mask(m["nnz_available"], m["nnz"]) for n, m in matrices.items()})
+
+    def is_prefix(self) -> bool:
+        return all(bool(m[: int(m.sum())].all()) for m in (*self.rank_keep.values(), *self.sparse_keep.values()))
 
     def params_kept(self, pools: list[MatrixPool]) -> int:
         return sum(int(self.rank_keep[p.name].sum()) * p.rank_cost + int(self.sparse_keep[p.name].sum()) for p in pools)
@@ -207,15 +227,18 @@ def summarize(pools: list[MatrixPool], alloc: Allocation, density: float) -> dic
         "params_kept": kept,
         "params_dense": dense,
         "sparse_index_entries": sum(m["nnz"] for m in per_matrix.values()),
+        "kept": "prefixes" if alloc.is_prefix() else "masks",  # prefixes: the counts below say which candidates
         "matrices": per_matrix,
     }
 
 
-def save(alloc: Allocation, info: dict, json_path: str | Path, masks_path: str | Path) -> None:
-    tensors = {f"{n}.rank_keep": m.contiguous() for n, m in alloc.rank_keep.items()}
-    tensors |= {f"{n}.sparse_keep": m.contiguous() for n, m in alloc.sparse_keep.items()}
-    with cas.atomic_path(masks_path) as tmp:
-        save_file(tensors, str(tmp))
+def save(alloc: Allocation, info: dict, json_path: str | Path, masks_path: str | Path | None) -> None:
+    """The budgets (json) always; the per-candidate keep-masks (one bool per candidate) only if asked."""
+    if masks_path is not None:
+        tensors = {f"{n}.rank_keep": m.contiguous() for n, m in alloc.rank_keep.items()}
+        tensors |= {f"{n}.sparse_keep": m.contiguous() for n, m in alloc.sparse_keep.items()}
+        with cas.atomic_path(masks_path) as tmp:
+            save_file(tensors, str(tmp))
     cas.write_json_atomic(json_path, info)
 
 

@@ -68,12 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stats", nargs="+", help="activation statistics per layer (allocators that need them: owl)")
     s.add_argument("--device", default="auto")
     s.add_argument("--json-out", required=True)
-    s.add_argument("--masks-out", required=True)
+    s.add_argument("--masks-out", help="also write the per-candidate keep-masks (realise.mode select reads them)")
 
     s = sub.add_parser("materialize", help="write the compressed model (compact format) from the kept Stage-1 candidates")
     s.add_argument("--model-dir", required=True)
     _add_stage1(s)
-    s.add_argument("--masks", required=True)
+    s.add_argument("--masks", help="the allocation's keep-masks (needed where it did not keep prefixes)")
     s.add_argument("--alloc-json", required=True)
     s.add_argument("--run-info", type=_json, default={})
     s.add_argument("--out", required=True)
@@ -210,7 +210,8 @@ def run(args: argparse.Namespace) -> None:
                                       args.calib, args.json_out, args.masks_out, args.device, args.stats)
         print(f"{args.allocator}: target density {info['target_density']}, achieved {info['achieved_density']:.5f}")
     elif c == "materialize":
-        pipeline.check_readable(args.masks, "allocation masks", "delete it and its .json and rerun its allocate job")
+        if args.masks:
+            pipeline.check_readable(args.masks, "allocation masks", "delete it and its .json and rerun its allocate job")
         pipeline.materialize(args.model_dir, _stage1(args), args.masks, args.alloc_json, args.run_info, args.out, args.export)
     elif c == "activations":
         pipeline.collect_activations(args.model_dir, args.calib, args.layers, args.out_dir, args.device)

@@ -109,21 +109,18 @@ def collect_activations(model_dir: str, calib_file: str, layers: list[int], out_
 # ---- Stage 2 ----------------------------------------------------------------------------------
 
 def _budgets_only(allocator: str, params: dict) -> bool:
-    """Whether the allocator decides per-matrix budgets only (no candidate's value): uniform, owl, CAP's budget policy."""
-    if allocator in ("uniform", "owl"):
-        return True
-    if allocator in allocate.NEEDS_CALIBRATION:
-        from . import cap
-
-        return cap.resolve_params(params, allocator)["policy"] == "budget"
-    return False
+    """Whether the allocator decides per-matrix budgets only (no candidate's value): uniform, owl, CAP's
+    budget policy -- the prefix-keeping allocators but the global thresholds of rpca-threshold."""
+    return allocator != "rpca-threshold" and allocate.keeps_prefixes(allocator, params)
 
 
 def run_allocator(stage1_in: Stage1 | list[str], allocator: str, density: float, params: dict, seed: int,
-                  model_dir: str | None, calib_file: str | None, json_out: str, masks_out: str,
+                  model_dir: str | None, calib_file: str | None, json_out: str, masks_out: str | None = None,
                   device: str = "auto", stats_files: list[str] | None = None) -> dict:
     """One allocation from every layer's Stage-1 candidates (a glrs.stage1.Stage1: the decompose
-    files, or under rpca.method none the model's weights; a list of files is taken as the former)."""
+    files, or under rpca.method none the model's weights; a list of files is taken as the former).
+    The json holds the per-matrix budgets; the per-candidate keep-masks go to `masks_out` only when
+    given (realise.mode select reads them; the realisers need only the budgets)."""
     s1 = Stage1.of(stage1_in)
     s1.check_readable()
     pools = s1.pools(values=not _budgets_only(allocator, params))
@@ -170,12 +167,19 @@ def kept_factors(layer_tensors: dict[str, torch.Tensor], short: str, rank_keep: 
     }
 
 
-def materialize(model_dir: str, stage1_in: Stage1 | list[str], masks_file: str, alloc_json: str, run_info: dict,
-                out: str, export: str = "none") -> dict:
+def materialize(model_dir: str, stage1_in: Stage1 | list[str], masks_file: str | None, alloc_json: str,
+                run_info: dict, out: str, export: str = "none") -> dict:
     """The compressed model (glrs.compressed) of the kept Stage-1 candidates (from a glrs.stage1.Stage1,
-    or a list of decompose files): the paper's realise.mode select."""
-    masks = allocate.load_masks(masks_file)
+    or a list of decompose files): the paper's realise.mode select. The keep-masks file is needed only
+    where the allocation did not keep prefixes (CAP's per-candidate policies)."""
     alloc_info = json.loads(Path(alloc_json).read_text())
+    if masks_file is not None:
+        masks = allocate.load_masks(masks_file)
+    elif alloc_info.get("kept") == "prefixes":
+        masks = allocate.Allocation.of_prefixes(alloc_info["matrices"])
+    else:
+        raise GlrsError(f"{alloc_json}: this allocation kept candidates that are not prefixes, so its keep-masks "
+                        "are needed: pass --masks (its allocate job writes them with --masks-out)")
     factors, shapes = {}, {}
     for meta, tensors in Stage1.of(stage1_in).read():
         for short, m in meta["matrices"].items():

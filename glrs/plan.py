@@ -121,9 +121,23 @@ class Plan:
     def alloc_json(run: Run) -> str:
         return f"{RESULTS}/alloc/{run.alloc_key}.json"
 
-    @staticmethod
-    def alloc_masks(run: Run) -> str:
-        return f"{RESULTS}/alloc/{run.alloc_key}.safetensors"
+    def alloc_masks(self, run: Run) -> dict:
+        """The keep-masks a materialize job reads ({} when the allocation kept prefixes)."""
+        masked = run.alloc_key in self.masked_alloc_keys
+        return {"masks": f"{RESULTS}/alloc/{run.alloc_key}.safetensors"} if masked else {}
+
+    @property
+    def masked_alloc_keys(self) -> list[str]:
+        """Allocations whose per-candidate keep-masks a job reads: realise.mode select materialising CAP's
+        per-candidate policies (every other allocator keeps prefixes, which the .json's per-matrix counts
+        name). The realisers spend per-matrix budgets alone, so their allocations write no masks."""
+        return sorted({r.alloc_key for r in self.cap_runs
+                       if not r.realise_key and not allocate.keeps_prefixes(r.allocator, r.params)})
+
+    @property
+    def budget_alloc_keys(self) -> list[str]:
+        masked = set(self.masked_alloc_keys)
+        return sorted({r.alloc_key for r in self.cap_runs} - masked)
 
     @staticmethod
     def compressed_dir(run: Run) -> str:

@@ -90,6 +90,7 @@ def test_run_leaves_every_output(workdir):
         assert {"q.U", "q.sigma", "q.V", "q.S_values", "q.S_index"} <= set(f.keys())
     alloc = json.loads(next(res.glob("alloc/*.json")).read_text())
     assert {"rank", "nnz"} <= set(next(iter(alloc["matrices"].values())))
+    assert not list(res.glob("alloc/*.safetensors"))  # the realisation spends budgets: no keep-masks on disk
     comp = next(res.glob("compressed/*"))
     assert (comp / "glrs_format.json").is_file() and not (comp / "hf").exists()  # compact only, no dense export
     import glrs

@@ -167,3 +167,29 @@ def test_decompose_is_bit_identical_across_runs(tiny_prepared, tmp_path):
     pipeline.decompose_layer(str(tiny_prepared), 0, RPCA, str(a), device="cpu")
     pipeline.decompose_layer(str(tiny_prepared), 0, RPCA, str(b), device="cpu")
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_prefix_allocations_materialise_without_keep_masks(tiny_prepared, tmp_path):
+    """An allocation that keeps prefixes (uniform here) needs no masks file: its .json's counts give the same
+    model, byte for byte; one that kept other candidates is refused without its masks, naming the fix."""
+    files, _ = _materialized(tiny_prepared, tmp_path / "a")
+    alloc = json.loads((tmp_path / "a" / "a.json").read_text())
+    assert alloc["kept"] == "prefixes"
+    pipeline.materialize(str(tiny_prepared), files, None, str(tmp_path / "a" / "a.json"),
+                         {"method": "cap", "allocator": "uniform"}, str(tmp_path / "b"))
+    for f in sorted((tmp_path / "a" / "c").iterdir()):
+        if f.name != "conditions.json":
+            assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
+    alloc["kept"] = "masks"
+    (tmp_path / "masked.json").write_text(json.dumps(alloc))
+    with pytest.raises(GlrsError, match="--masks"):
+        pipeline.materialize(str(tiny_prepared), files, None, str(tmp_path / "masked.json"),
+                             {"method": "cap", "allocator": "cap"}, str(tmp_path / "d"))
+
+
+def test_allocation_writes_keep_masks_only_when_asked(tiny_prepared, tmp_path):
+    files, _ = _materialized(tiny_prepared, tmp_path / "a")
+    pipeline.run_allocator(files, "uniform", 0.5, {"rank_fraction": 0.5}, 0, None, None, str(tmp_path / "b.json"))
+    assert not list(tmp_path.glob("*.safetensors"))
+    a, b = (json.loads(p.read_text()) for p in (tmp_path / "a" / "a.json", tmp_path / "b.json"))
+    assert a["matrices"] == b["matrices"]

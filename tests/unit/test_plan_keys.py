@@ -48,7 +48,7 @@ def nodes(p: glrs_plan.Plan) -> dict[str, str]:
     for r in p.runs:
         if r.alloc_key:
             out[f"alloc:{r.label}"] = r.alloc_key
-            out[f"alloc_files:{r.label}"] = p.alloc_json(r) + "|" + p.alloc_masks(r)
+            out[f"alloc_files:{r.label}"] = "|".join([p.alloc_json(r), *p.alloc_masks(r).values()])
         if r.realise_key:
             out[f"realise:{r.label}"] = r.realise_key
             out[f"realise_files:{r.label}"] = "|".join(p.realised_files(r))

@@ -8,10 +8,10 @@ rule materialize:
     conda:
         "../../envs/glrs.yaml"
     input:
+        unpack(lambda wc: PLAN.alloc_masks(PLAN.run_by_comp_key(wc.comp_key))),
         model=PLAN.model_dir,
         rpca=PLAN.rpca_files,
         json=lambda wc: PLAN.alloc_json(PLAN.run_by_comp_key(wc.comp_key)),
-        masks=lambda wc: PLAN.alloc_masks(PLAN.run_by_comp_key(wc.comp_key)),
     output:
         directory(f"{RESULTS}/compressed/{{comp_key}}"),
     wildcard_constraints:
@@ -20,12 +20,13 @@ rule materialize:
         export=config.get("export", "none"),
         stage1=PLAN.stage1_args(),
         info=lambda wc: shell_json(PLAN.run_info(PLAN.run_by_comp_key(wc.comp_key))),
+        masks=lambda wc, input: f"--masks {input.masks}" if "masks" in input.keys() else "",
     log:
         f"{RESULTS}/logs/materialize/{{comp_key}}.log",
     benchmark:
         f"{RESULTS}/bench/materialize/{{comp_key}}.tsv"
     shell:
-        "python -m glrs materialize --model-dir {input.model} {params.stage1} --masks {input.masks} "
+        "python -m glrs materialize --model-dir {input.model} {params.stage1} {params.masks} "
         "--alloc-json {input.json} --run-info {params.info} --export {params.export} --out {output} > {log} 2>&1"
 
 
@@ -44,6 +45,7 @@ rule materialize_realised:
     params:
         export=config.get("export", "none"),
         info=lambda wc: shell_json(PLAN.run_info(PLAN.run_by_comp_key(wc.comp_key))),
+        masks=lambda wc, input: f"--masks {input.masks}" if "masks" in input.keys() else "",
     log:
         f"{RESULTS}/logs/materialize/{{comp_key}}.log",
     benchmark:
