@@ -175,7 +175,8 @@ def materialize(model_dir: str, stage1_in: Stage1 | list[str], masks_file: str |
     alloc_info = json.loads(Path(alloc_json).read_text())
     if masks_file is not None:
         masks = allocate.load_masks(masks_file)
-    elif alloc_info.get("kept") == "prefixes":
+    elif alloc_info.get("kept", "prefixes" if allocate.keeps_prefixes(alloc_info["allocator"], alloc_info["allocator_params"])
+                        else "masks") == "prefixes":  # allocations before "kept" was recorded: by their allocator
         masks = allocate.Allocation.of_prefixes(alloc_info["matrices"])
     else:
         raise GlrsError(f"{alloc_json}: this allocation kept candidates that are not prefixes, so its keep-masks "
