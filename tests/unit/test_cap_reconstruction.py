@@ -123,6 +123,8 @@ def test_the_policy_with_this_loss_is_deterministic_and_learns_from_it(tiny, pol
     assert same(a, b) and ia["losses"] == ib["losses"]
     assert ia["steps"] == 3 and ia["skipped_steps"] == 0 and ia["params"]["loss"] == "reconstruction"
     assert all(0.0 < step[0] < 1.0 for step in ia["losses"])  # relative errors of partial masks
+    c, ic = run(tiny, params | {"offload": True}, seed=5)  # W, H and factors on the CPU side: same numbers
+    assert same(a, c) and ic["losses"] == ia["losses"]
     _, other = run(tiny, params, seed=6)
     assert other["losses"] != ia["losses"]
     ce, ice = run(tiny, params | {"loss": "cross-entropy"}, seed=5)
@@ -173,3 +175,5 @@ def test_allocation_keys_change_only_when_the_loss_is_set(tiny_llama_dir):
     assert recon.alloc_key != runs[None]["cap"].alloc_key and recon.comp_key != runs[None]["cap"].comp_key
     assert "stats" in plans["reconstruction"].allocate_inputs(recon.alloc_key)
     assert "stats" not in plans[None].allocate_inputs(runs[None]["cap"].alloc_key)
+    assert "loss=reconstruction" in plans["reconstruction"].cap_variant(recon)  # the summary tells the two apart
+    assert "loss=" not in plans[None].cap_variant(runs[None]["cap"])
