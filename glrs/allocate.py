@@ -46,8 +46,10 @@ def keeps_prefixes(allocator: str, params: dict) -> bool:
 
 
 def needs_stats(allocator: str, params: dict) -> bool:
-    """Whether an allocation job reads the activations job's files: OWL, and CAP's budget policy."""
-    return allocator in NEEDS_STATS or (allocator in NEEDS_CALIBRATION and params.get("policy") == "budget")
+    """Whether an allocation job reads the activations job's files: OWL, CAP's budget policy, and CAP's
+    reconstruction loss (`params`: CAP's resolved parameters)."""
+    return allocator in NEEDS_STATS or (allocator in NEEDS_CALIBRATION and (
+        params.get("policy") == "budget" or params.get("loss") == "reconstruction"))
 
 
 @dataclass

@@ -161,12 +161,14 @@ class Plan:
         return info | {"calib_key": self.calib_key, "method_params": run.params}
 
     def cap_variant(self, run: Run) -> str:
-        """Which CAP this is, in a few words: the Stage-1 pool, the policy and the realisation."""
+        """Which CAP this is, in a few words: the Stage-1 pool, the policy, its loss where set, and the realisation."""
         pool = self.rpca_params.get("method", "ialm")
-        policy = run.params.get("policy", "") if run.allocator in allocate.NEEDS_CALIBRATION else ""
+        learned = run.allocator in allocate.NEEDS_CALIBRATION
+        policy = run.params.get("policy", "") if learned else ""
+        loss = run.params.get("loss", "") if learned else ""  # absent: the default (the variant as before)
         rp = self.realise_params_of(run)
         sparsity = rp.get("sparsity", "")  # absent: unstructured (the variant as before)
-        return " ".join(x for x in (f"pool={pool}", f"policy={policy}" if policy else "",
+        return " ".join(x for x in (f"pool={pool}", f"policy={policy}" if policy else "", f"loss={loss}" if loss else "",
                                     f"realise={rp['mode']}", f"sparsity={sparsity}" if sparsity else "")
                         if x)
 

@@ -64,10 +64,18 @@ Cost. [paper] A component of an m x n matrix costs m + n (sigma folded into a
 factor), an entry costs 1. Budget B = round(density * dense) = allocate.budget_for.
 
 Objective. [paper] min_s E_{m ~ p(.|s)} [ L(W~(m)) ] s.t. sum_k cost_k s_k = B,
-0 <= s <= 1. L is the calibration loss: [choice] the mean next-token
-cross-entropy of the whole model on a batch of calibration sequences (the
-paper's objective is "the loss on the calibration set"; it is evaluated with
-forward passes only).
+0 <= s <= 1. L is the calibration loss (`loss`, policies entry and tied):
+  `cross-entropy` (default, [choice]): the mean next-token cross-entropy of the
+    whole model on a batch of calibration sequences, by forward passes only.
+  `reconstruction` ([paper] as issue 24 reads it: a layer-wise output-reconstruction
+    loss on the calibration set; config/paper.yaml): the mean over the target
+    matrices of tr(E H E^T) / tr(W H W^T), E = W - W~(m), H = X^T X / tokens of the
+    *dense* model's inputs over the whole calibration set (the activations job's
+    files; equal to ||E X^T||_F^2 / ||W X^T||_F^2, so nothing is stored and no model
+    runs). [choice] relative per matrix and averaged (the paper's normalisation is not
+    known here), dense inputs (not the compressed model's), every calibration token in
+    every step (a squared error needs no batch; the step count is still epochs x
+    ceil(nsamples / batch_size)). See candidates._Reconstruction.
 
 Estimator. [paper] REINFORCE: grad_s E[L] = E[ L * grad_s log p(m|s) ] with
 grad_{s_k} log p(m_k|s_k) = (m_k - s_k) / (s_k (1 - s_k) + eps), a moving-average
@@ -189,8 +197,8 @@ from tqdm import tqdm
 
 from .. import allocate as _alloc
 from ..errors import GlrsError
-from .candidates import (_Engine, _load_model, _read_factors, activation_block_scores, block_scores, matrices,
-                         build_blocks, space_budget)
+from .candidates import (_Engine, _load_model, _read_factors, _Reconstruction, activation_block_scores, block_scores,
+                         build_blocks, matrices, read_reconstruction_targets, space_budget)
 from .policy import BernoulliPolicy, TiedPolicy
 
 CAP_VERSION = 5  # 5: offset_scale 0.5 by default (glrs/cap/budget.py)
@@ -227,6 +235,18 @@ ALLOC_PARAMS_DEFAULTS: dict = {
 }
 
 
+# Settings added after allocation keys existed: accepted, but left out of the resolved (hashed, recorded)
+# parameters while at their default, so that the keys of runs that do not set them stay (as
+# glrs.methods.effective_params does for the baselines).
+OPTIONAL: dict = {
+    "loss": "cross-entropy",   # policies entry | tied: what a mask sample is scored by. cross-entropy: the model's
+                               # next-token loss on the step's calibration batch ([choice], the default);
+                               # reconstruction: the mean relative output error of the target matrices on the
+                               # dense model's calibration inputs (the paper as issue 24 reads it; _Reconstruction)
+}
+LOSSES = ("cross-entropy", "reconstruction")
+
+
 def _is_int(x, lo: int) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and float(x).is_integer() and x >= lo
 
@@ -236,10 +256,11 @@ def resolve_params(params: dict | None, space: str = "cap") -> dict:
     restrict Stage 2 to one kind of candidate (lowrank-only, sparse-only) default to the tied policy:
     the budget policy decides per-matrix totals, which those ablations are not about."""
     params = dict(params or {})
-    unknown = sorted(set(params) - set(ALLOC_PARAMS_DEFAULTS))
+    unknown = sorted(set(params) - set(ALLOC_PARAMS_DEFAULTS) - set(OPTIONAL))
     if unknown:
-        raise GlrsError(f"unknown CAP allocator parameter(s) {unknown}; valid: {', '.join(ALLOC_PARAMS_DEFAULTS)}")
-    p = {**ALLOC_PARAMS_DEFAULTS, **({"policy": "tied"} if space != "cap" else {}), **params}
+        raise GlrsError(f"unknown CAP allocator parameter(s) {unknown}; valid: "
+                        f"{', '.join([*ALLOC_PARAMS_DEFAULTS, *OPTIONAL])}")
+    p = {**ALLOC_PARAMS_DEFAULTS, **OPTIONAL, **({"policy": "tied"} if space != "cap" else {}), **params}
 
     def number(x) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -271,13 +292,22 @@ def resolve_params(params: dict | None, space: str = "cap") -> dict:
         (isinstance(p["offload"], bool), "offload must be true or false"),
         (p["dtype"] in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16"),
         (p["prob_dtype"] in ("float32", "float16"), "prob_dtype must be float32 or float16"),
+        (p["loss"] in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
+        (p["loss"] == "cross-entropy" or p["policy"] != "budget",
+         "loss reconstruction scores Stage-1 candidates: use it with policy entry or tied (the budget policy "
+         "scores budgets by its own surrogate)"),
     ]
     for ok, msg in checks:
         if not ok:
             raise GlrsError(f"allocator_params for CAP: {msg} (got {params})")
     for k in ("epochs", "batch_size", "samples_per_step", "pairs_per_step", "baseline_window", "sparse_group_size", "max_steps"):
         p[k] = int(p[k])
-    return p
+    return {k: v for k, v in p.items() if not (k in OPTIONAL and v == OPTIONAL[k])}
+
+
+def loss_of(p: dict) -> str:
+    """The loss a resolved parameter set asks for (absent: the default)."""
+    return p.get("loss", OPTIONAL["loss"])
 
 
 
@@ -312,6 +342,8 @@ def allocate_with_info(pools, density, params, seed, model_dir, stage1, calib_id
                             "or use init: magnitude with epochs: 0")
         if model_dir is None:
             raise GlrsError("CAP needs the prepared model directory for its forward passes (model_dir is None)")
+        if steps and loss_of(p) == "reconstruction" and not stats_files:
+            raise GlrsError("CAP's loss reconstruction needs the activations job's files (--stats)")
         factors = _read_factors(stage1, pools, space, dev, p["offload"])
 
     Policy, lr = (TiedPolicy, p["logit_lr"]) if p["policy"] == "tied" else (BernoulliPolicy, p["lr"])
@@ -335,10 +367,15 @@ def allocate_with_info(pools, density, params, seed, model_dir, stage1, calib_id
             "losses": [], "baselines": [], "skipped_steps": 0}
 
     if steps:
-        dtype = getattr(torch, p["dtype"])
-        model, modules = _load_model(model_dir, factors, dev, dtype)
-        mats = matrices(pools, modules, factors, blocks)
-        engine = _Engine(model, mats, blocks, dev, dtype)
+        if loss_of(p) == "reconstruction":
+            dense_w, H = read_reconstruction_targets(model_dir, stats_files, pools, dev, p["offload"])
+            model, modules = None, None
+            engine = _Reconstruction(matrices(pools, None, factors, blocks), blocks, dense_w, H, dev)
+            del dense_w, H
+        else:
+            dtype = getattr(torch, p["dtype"])
+            model, modules = _load_model(model_dir, factors, dev, dtype)
+            engine = _Engine(model, matrices(pools, modules, factors, blocks), blocks, dev, dtype)
         order_gen = torch.Generator().manual_seed(seed)
         batches = []
         for _ in range(p["epochs"]):
@@ -358,7 +395,7 @@ def allocate_with_info(pools, density, params, seed, model_dir, stage1, calib_id
         finally:
             bar.close()
             engine.close()
-        del engine, model, modules, mats
+        del engine, model, modules
     if needs_model:
         del factors
         if dev.type == "cuda":

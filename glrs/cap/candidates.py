@@ -1,5 +1,6 @@
 """The candidates of CAP's Bernoulli policies: blocks of Stage-1 components and entries per matrix,
-their initial scores, and the model whose target weights are composed from a mask sample."""
+their initial scores, and the two losses of a mask sample: the model whose target weights are composed
+from it (`loss: cross-entropy`) and the layer-wise output reconstruction (`loss: reconstruction`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -142,15 +143,16 @@ def space_budget(pools: list[_alloc.MatrixPool], density: float, space: str) -> 
 @dataclass
 class _Matrix:
     pool: _alloc.MatrixPool
-    module: torch.nn.Module
+    module: torch.nn.Module | None  # None where no model is run (loss: reconstruction)
     factors: dict[str, torch.Tensor]
     rank_block: int | None = None
     sparse_blocks: list[int] = field(default_factory=list)
 
 
 def matrices(pools, modules, factors, blocks) -> list[_Matrix]:
-    """One _Matrix per pool (in pool order), each told which blocks are its rank block and its sparse blocks."""
-    mats = [_Matrix(q, modules[q.name], factors[q.name]) for q in pools]
+    """One _Matrix per pool (in pool order), each told which blocks are its rank block and its sparse blocks
+    (`modules` None: no model, for the reconstruction loss)."""
+    mats = [_Matrix(q, None if modules is None else modules[q.name], factors[q.name]) for q in pools]
     for b, blk in enumerate(blocks):
         if blk.kind == "rank":
             mats[blk.matrix].rank_block = b
@@ -195,6 +197,24 @@ def _read_factors(stage1_in, pools: list[_alloc.MatrixPool], space: str,
     return out
 
 
+def compose(mat: _Matrix, sample: MaskSample, blocks: list[Block], device: torch.device) -> torch.Tensor:
+    """W~ = (U * (m * sigma)) V^T + (n * S) of one matrix for a mask sample, float32 on `device`."""
+    m, n = mat.pool.shape
+    f = {k: v.to(device, non_blocking=True) for k, v in mat.factors.items()}
+    if mat.rank_block is not None:
+        keep = sample.mask(mat.rank_block).float()
+        W = (f["U"].float() * (f["sigma"].float() * keep)) @ f["V"].float().T
+    else:
+        W = torch.zeros(m, n, dtype=torch.float32, device=device)
+    if mat.sparse_blocks:
+        parts = []
+        for b in mat.sparse_blocks:
+            mk = sample.mask(b).float()
+            parts.append(mk.repeat_interleave(blocks[b].group) if blocks[b].group > 1 else mk)
+        W.view(-1).index_add_(0, f["S_index"], f["S_values"].float() * torch.cat(parts))
+    return W
+
+
 class _Engine:
     """The calibration loss of W~(mask sample), one decoder layer materialised at a time."""
 
@@ -212,20 +232,7 @@ class _Engine:
             self.handles.append(mod.register_forward_hook(lambda _m, _a, _o, g=group: self._release(g)))
 
     def _compose(self, mat: _Matrix) -> torch.Tensor:
-        m, n = mat.pool.shape
-        f = {k: v.to(self.device, non_blocking=True) for k, v in mat.factors.items()}
-        if mat.rank_block is not None:
-            keep = self.sample.mask(mat.rank_block).float()
-            W = (f["U"].float() * (f["sigma"].float() * keep)) @ f["V"].float().T
-        else:
-            W = torch.zeros(m, n, dtype=torch.float32, device=self.device)
-        if mat.sparse_blocks:
-            parts = []
-            for b in mat.sparse_blocks:
-                mk = self.sample.mask(b).float()
-                parts.append(mk.repeat_interleave(self.blocks[b].group) if self.blocks[b].group > 1 else mk)
-            W.view(-1).index_add_(0, f["S_index"], f["S_values"].float() * torch.cat(parts))
-        return W.to(self.dtype)
+        return compose(mat, self.sample, self.blocks, self.device).to(self.dtype)
 
     def _materialise(self, group: list[_Matrix]) -> None:
         for mat in group:
@@ -247,6 +254,80 @@ class _Engine:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+class _Reconstruction:
+    """`loss: reconstruction`, the paper's layer-wise objective as glrs reads it: the mean over the target
+    matrices of the share of each matrix's output energy on the calibration inputs that the mask sample
+    loses, tr(E H E^T) / tr(W H W^T) with E = W - W~ (glrs.realise.output_error, the realisation's own
+    measure). H = X^T X / tokens is the *dense* model's input second moment over the whole calibration
+    set (the activations job's files, glrs.stats): ||(W - W~) X^T||_F^2 = tokens * tr(E H E^T), so no
+    activation is stored, no model is run, and every sample is scored on all calibration tokens (a
+    squared error has no batch noise to average out). [choice] Per matrix and relative: the raw errors
+    of SmolLM2's layers differ by orders of magnitude in activation scale, and their sum would let a few
+    matrices decide everything. Cost per sample: compose W~ (m n r) and E H (m n^2) per matrix."""
+
+    def __init__(self, mats: list[_Matrix], blocks: list[Block], dense: dict[str, torch.Tensor],
+                 H: dict[str, torch.Tensor], device: torch.device):
+        from ..realise import output_error
+
+        self._error = output_error
+        self.mats, self.blocks, self.device = mats, blocks, device
+        self.dense, self.H = dense, H
+        self.den = {}
+        for mat in mats:
+            W, Hm = dense[mat.pool.name].to(device, torch.float64), H[mat.pool.name].to(device, torch.float64)
+            self.den[mat.pool.name] = float((W @ Hm * W).sum())
+
+    @torch.no_grad()
+    def loss(self, ids: torch.Tensor, sample: MaskSample) -> float:
+        """The sample's mean relative output error (`ids` unused: H covers every calibration token)."""
+        total = 0.0
+        for mat in self.mats:
+            name = mat.pool.name
+            W_new = compose(mat, sample, self.blocks, self.device)
+            H = self.H[name].to(self.device, torch.float64)
+            total += self._error(self.dense[name].to(self.device), W_new, H, self.den[name])
+        return total / len(self.mats)
+
+    def close(self) -> None:
+        pass
+
+
+def read_reconstruction_targets(model_dir: str, stats_files: list[str], pools: list[_alloc.MatrixPool],
+                                device: torch.device, offload: bool) -> tuple[dict, dict]:
+    """The dense weights and input second moments H of every pool's matrix, by name, for `loss:
+    reconstruction`: W in the checkpoint's dtype, H in float32 as the stats files store it (one tensor
+    for q/k/v and one for gate/up, as there), on `device`, or on the CPU with `offload` (moved per
+    matrix when scored)."""
+    from .. import modelio, stats
+
+    layers = sorted({q.layer for q in pools})
+    if not model_dir or not stats_files:
+        raise GlrsError("CAP's loss reconstruction needs the prepared model (--model-dir) and the activations "
+                        "job's files (--stats)")
+    if len(stats_files) != len(layers):
+        raise GlrsError(f"CAP: {len(stats_files)} activation-statistics files for {len(layers)} layers")
+    store = torch.device("cpu") if offload else device
+    by_layer = {q.layer: [] for q in pools}
+    for q in pools:
+        by_layer[q.layer].append(q)
+    dense, H = {}, {}
+    for layer, path in zip(layers, stats_files):
+        weights, moments, moved = modelio.read_layer(model_dir, layer), stats.read_layer(path), {}
+        for q in by_layer[layer]:
+            W = weights[q.short]
+            if tuple(W.shape) != tuple(q.shape):
+                raise GlrsError(f"{q.name}: the prepared model's shape {tuple(W.shape)} is not Stage 1's {q.shape}; "
+                                "rerun prepare_model and decompose")
+            h = moments[q.short]
+            if h.shape != (q.shape[1], q.shape[1]):
+                raise GlrsError(f"{path}: H of {q.short} is {tuple(h.shape)}, not {q.shape[1]} square; delete the "
+                                "activations job's files and rerun it")
+            if id(h) not in moved:
+                moved[id(h)] = h.to(store, torch.float32)  # what the stats file stores
+            dense[q.name], H[q.name] = W.to(store), moved[id(h)]
+    return dense, H
 
 
 def _load_model(model_dir: str, mats_by_name: dict, device: torch.device, dtype: torch.dtype):
