@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from . import cas
 from .errors import GlrsError
+from .stage1 import MatrixPool, Stage1
 
 ALLOC_VERSION = 1
 ALLOCATORS = ("cap", "uniform", "owl", "rpca-threshold", "lowrank-only", "sparse-only")
@@ -34,47 +35,11 @@ NEEDS_CALIBRATION = ("cap", "lowrank-only", "sparse-only")
 NEEDS_STATS = ("owl",)
 
 
-def keeps_prefixes(allocator: str, params: dict) -> bool:
-    """Whether the allocation keeps a prefix of every matrix's candidates (its top components and largest
-    entries): every allocator but CAP's per-candidate policies. Its per-matrix counts (the .json) then
-    say everything, and no keep-masks need be written."""
-    if allocator in NEEDS_CALIBRATION:
-        from . import cap
-
-        return cap.resolve_params(params, allocator)["policy"] == "budget"
-    return True
-
-
 def needs_stats(allocator: str, params: dict) -> bool:
     """Whether an allocation job reads the activations job's files: OWL, CAP's budget policy, and CAP's
     reconstruction loss (`params`: CAP's resolved parameters)."""
     return allocator in NEEDS_STATS or (allocator in NEEDS_CALIBRATION and (
         params.get("policy") == "budget" or params.get("loss") == "reconstruction"))
-
-
-@dataclass
-class MatrixPool:
-    """The candidates Stage 1 left for one matrix: its singular values and sorted |S| (under rpca.method
-    none: no singular values, and every weight's |value|; glrs.stage1)."""
-
-    name: str
-    layer: int
-    short: str
-    shape: tuple[int, int]
-    sigma: torch.Tensor  # [R], descending
-    s_abs: torch.Tensor  # [K], descending
-
-    @property
-    def dense(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    @property
-    def rank_cost(self) -> int:
-        return self.shape[0] + self.shape[1]
-
-    @property
-    def capacity(self) -> int:
-        return self.sigma.numel() * self.rank_cost + self.s_abs.numel()
 
 
 @dataclass
@@ -101,8 +66,6 @@ def layer_file_key(short: str, part: str) -> str:
 
 def load_pools(rpca_files: list[str | Path]) -> list[MatrixPool]:
     """The pools of these decompose files (glrs.stage1.Stage1.pools reads either source)."""
-    from .stage1 import Stage1
-
     return Stage1.from_files(rpca_files).pools()
 
 

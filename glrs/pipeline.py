@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import allocate, cas, compressed, conditions, data, gpuslots, modelio, rpca, stage1
+from . import allocate, cap, cas, compressed, conditions, data, gpuslots, modelio, rpca, stage1
 from .errors import GlrsError
 from .stage1 import Stage1
 
@@ -111,7 +111,7 @@ def collect_activations(model_dir: str, calib_file: str, layers: list[int], out_
 def _budgets_only(allocator: str, params: dict) -> bool:
     """Whether the allocator decides per-matrix budgets only (no candidate's value): uniform, owl, CAP's
     budget policy -- the prefix-keeping allocators but the global thresholds of rpca-threshold."""
-    return allocator != "rpca-threshold" and allocate.keeps_prefixes(allocator, params)
+    return allocator != "rpca-threshold" and cap.keeps_prefixes(allocator, params)
 
 
 def run_allocator(stage1_in: Stage1 | list[str], allocator: str, density: float, params: dict, seed: int,
@@ -134,8 +134,6 @@ def run_allocator(stage1_in: Stage1 | list[str], allocator: str, density: float,
             raise GlrsError("the owl allocator needs --model-dir and --stats (the activations job's files)")
         alloc = allocate.owl(pools, density, model_dir, stats_files, **params)
     elif allocator in allocate.NEEDS_CALIBRATION:
-        from . import cap
-
         with gpuslots.device_slot(device) as dev:
             used = dev
             alloc, stage2 = cap.allocate_with_info(pools, density, params, seed, model_dir, s1,
@@ -175,7 +173,7 @@ def materialize(model_dir: str, stage1_in: Stage1 | list[str], masks_file: str |
     alloc_info = json.loads(Path(alloc_json).read_text())
     if masks_file is not None:
         masks = allocate.load_masks(masks_file)
-    elif alloc_info.get("kept", "prefixes" if allocate.keeps_prefixes(alloc_info["allocator"], alloc_info["allocator_params"])
+    elif alloc_info.get("kept", "prefixes" if cap.keeps_prefixes(alloc_info["allocator"], alloc_info["allocator_params"])
                         else "masks") == "prefixes":  # allocations before "kept" was recorded: by their allocator
         masks = allocate.Allocation.of_prefixes(alloc_info["matrices"])
     else:

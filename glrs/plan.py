@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from . import allocate, cas, compressed, data, evaluate, modelio, realise, rpca, stats
+from . import allocate, cap, cas, compressed, data, evaluate, modelio, realise, rpca, stats
 from .errors import GlrsError
 
 RESULTS = "results"
@@ -132,7 +132,7 @@ class Plan:
         per-candidate policies (every other allocator keeps prefixes, which the .json's per-matrix counts
         name). The realisers spend per-matrix budgets alone, so their allocations write no masks."""
         return sorted({r.alloc_key for r in self.cap_runs
-                       if not r.realise_key and not allocate.keeps_prefixes(r.allocator, r.params)})
+                       if not r.realise_key and not cap.keeps_prefixes(r.allocator, r.params)})
 
     @property
     def budget_alloc_keys(self) -> list[str]:
@@ -331,8 +331,6 @@ def make_plan(config: dict) -> Plan:
             params = dict(config.get("allocator_params", {}).get(allocator, {}))
             inputs = {"rpca": rpca_key, "layers": ",".join(map(str, layers))}
             if allocator in allocate.NEEDS_CALIBRATION:
-                from . import cap
-
                 # Hash the effective settings, defaults included, so a changed default is a new key.
                 params = cap.resolve_params(params, allocator)
                 inputs |= {"calib": calib_key, "cap_version": str(cap.CAP_VERSION)}

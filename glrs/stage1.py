@@ -79,6 +79,31 @@ def _layer_of(path: Path) -> int:
     return int(read_rpca_layer(path, parts=())[0]["layer"])
 
 
+@dataclass
+class MatrixPool:
+    """The candidates Stage 1 left for one matrix: its singular values and sorted |S| (under rpca.method
+    none: no singular values, and every weight's |value|; glrs.stage1)."""
+
+    name: str
+    layer: int
+    short: str
+    shape: tuple[int, int]
+    sigma: torch.Tensor  # [R], descending
+    s_abs: torch.Tensor  # [K], descending
+
+    @property
+    def dense(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def rank_cost(self) -> int:
+        return self.shape[0] + self.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.sigma.numel() * self.rank_cost + self.s_abs.numel()
+
+
 @dataclass(frozen=True)
 class Stage1:
     """Where every layer's Stage-1 candidates come from: `files` (one decompose file per layer, in
@@ -150,15 +175,13 @@ class Stage1:
             yield self.layer(layer, parts)
 
     def pools(self, values: bool = True) -> list:
-        """The allocators' view (glrs.allocate.MatrixPool): per matrix its singular values and sorted |S|.
+        """The allocators' view (MatrixPool): per matrix its singular values and sorted |S|.
 
         `values=False`, under rpca.method none: only the candidates' counts (no singular component; one
         entry per weight), as 'meta' tensors that hold no data, read from the checkpoint's headers. The
         allocators that decide per-matrix budgets (uniform, owl, CAP's budget policy) need nothing more;
         sorting every |weight| in float64 would cost ~56 GB and minutes at 8B. Reading a value of such a
         pool fails loudly (a meta tensor has none)."""
-        from .allocate import MatrixPool
-
         pools = []
         if not values and self.splits_weights:
             for layer in self.layers:

@@ -251,6 +251,15 @@ def _is_int(x, lo: int) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and float(x).is_integer() and x >= lo
 
 
+def keeps_prefixes(allocator: str, params: dict) -> bool:
+    """Whether the allocation keeps a prefix of every matrix's candidates (its top components and largest
+    entries): every allocator but CAP's per-candidate policies. Its per-matrix counts (the .json) then
+    say everything, and no keep-masks need be written."""
+    if allocator in _alloc.NEEDS_CALIBRATION:
+        return resolve_params(params, allocator)["policy"] == "budget"
+    return True
+
+
 def resolve_params(params: dict | None, space: str = "cap") -> dict:
     """Defaults merged with the given params, validated; unknown keys are an error. The spaces that
     restrict Stage 2 to one kind of candidate (lowrank-only, sparse-only) default to the tied policy:

@@ -10,6 +10,7 @@ import torch
 
 from .. import allocate as _alloc
 from ..errors import GlrsError
+from ..stage1 import MatrixPool
 from .loss import calibration_loss
 from .policy import MaskSample
 
@@ -27,7 +28,7 @@ class Block:
     cost: int    # parameters per variable
 
 
-def build_blocks(pools: list[_alloc.MatrixPool], space: str, group: int) -> list[Block]:
+def build_blocks(pools: list[MatrixPool], space: str, group: int) -> list[Block]:
     blocks = []
     for i, p in enumerate(pools):
         R, K = p.sigma.numel(), p.s_abs.numel()
@@ -42,7 +43,7 @@ def build_blocks(pools: list[_alloc.MatrixPool], space: str, group: int) -> list
     return blocks
 
 
-def block_scores(pools: list[_alloc.MatrixPool], blocks: list[Block]) -> Callable[[int], torch.Tensor]:
+def block_scores(pools: list[MatrixPool], blocks: list[Block]) -> Callable[[int], torch.Tensor]:
     """Energy kept per parameter of each variable: sigma^2/(m+n), or mean v^2 over its entries."""
     def score(b: int) -> torch.Tensor:
         blk, p = blocks[b], pools[blocks[b].matrix]
@@ -54,7 +55,7 @@ def block_scores(pools: list[_alloc.MatrixPool], blocks: list[Block]) -> Callabl
 
 
 @torch.no_grad()
-def activation_block_scores(model_dir: str, calib_ids: torch.Tensor, pools: list[_alloc.MatrixPool],
+def activation_block_scores(model_dir: str, calib_ids: torch.Tensor, pools: list[MatrixPool],
                             blocks: list[Block], factors: dict, device: torch.device,
                             per_matrix: bool = True) -> Callable[[int], torch.Tensor]:
     """Output energy per parameter of each variable on the calibration inputs of the dense model:
@@ -114,13 +115,13 @@ def activation_block_scores(model_dir: str, calib_ids: torch.Tensor, pools: list
     return lambda b: out[b]
 
 
-def _space_capacity(pools: list[_alloc.MatrixPool], space: str) -> int:
+def _space_capacity(pools: list[MatrixPool], space: str) -> int:
     rank = sum(p.sigma.numel() * p.rank_cost for p in pools)
     sparse = sum(p.s_abs.numel() for p in pools)
     return {"cap": rank + sparse, "lowrank-only": rank, "sparse-only": sparse}[space]
 
 
-def space_budget(pools: list[_alloc.MatrixPool], density: float, space: str) -> int:
+def space_budget(pools: list[MatrixPool], density: float, space: str) -> int:
     """The global budget, with a clear error when the chosen space cannot hold it."""
     if space not in SPACES:
         raise GlrsError(f"unknown CAP space {space!r}; use one of {', '.join(SPACES)}")
@@ -142,7 +143,7 @@ def space_budget(pools: list[_alloc.MatrixPool], density: float, space: str) -> 
 
 @dataclass
 class _Matrix:
-    pool: _alloc.MatrixPool
+    pool: MatrixPool
     module: torch.nn.Module | None  # None where no model is run (loss: reconstruction)
     factors: dict[str, torch.Tensor]
     rank_block: int | None = None
@@ -161,7 +162,7 @@ def matrices(pools, modules, factors, blocks) -> list[_Matrix]:
     return mats
 
 
-def _read_factors(stage1_in, pools: list[_alloc.MatrixPool], space: str,
+def _read_factors(stage1_in, pools: list[MatrixPool], space: str,
                   device: torch.device, offload: bool) -> dict[str, dict[str, torch.Tensor]]:
     """The parts of every pool's Stage-1 factors that `space` composes W~ from, by matrix name, from a
     glrs.stage1.Stage1 (the decompose files, or the weights under rpca.method none) or a list of files."""
@@ -294,7 +295,7 @@ class _Reconstruction:
         pass
 
 
-def read_reconstruction_targets(model_dir: str, stats_files: list[str], pools: list[_alloc.MatrixPool],
+def read_reconstruction_targets(model_dir: str, stats_files: list[str], pools: list[MatrixPool],
                                 device: torch.device, offload: bool) -> tuple[dict, dict]:
     """The dense weights and input second moments H of every pool's matrix, by name, for `loss:
     reconstruction`: W in the checkpoint's dtype, H in float32 as the stats files store it (one tensor
