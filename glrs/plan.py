@@ -296,8 +296,7 @@ def make_plan(config: dict) -> Plan:
     source = modelio.resolve_source(config["model"], config.get("model_revision", "main"))
     model_key = cas.key_of("model", modelio.PREPARE_VERSION, {"source": source.key}, {"dtype": config["dtype"]})
     layers = _layers(config, source.num_layers)
-    rpca_params = {"method": "ialm", "lambda_scale": 1.0, "tol": 1e-7, "max_iter": 500, "rho": 1.5, "mu_factor": 1.25, "dtype": "float64"}
-    rpca_params |= config.get("rpca", {})
+    rpca_params = dict(rpca.DEFAULTS) | config.get("rpca", {})
     rpca_key = cas.key_of("rpca", rpca.RPCA_VERSION, {"model": model_key}, rpca_params)
 
     calib_params = dict(config["calibration"])

@@ -54,6 +54,10 @@ from .conditions import SOLVER_THREADS, pinned_threads
 RPCA_VERSION = 3  # 2: subspace SVT for large matrices, spectral norm by block iteration;
 # 3: the solver runs under a fixed CPU thread count and each file records its conditions (glrs.conditions)
 
+# The Stage-1 settings a config's `rpca` section overrides (config/schema.yaml names the same keys;
+# tests/unit/test_config.py holds them equal). `method: none` skips RPCA (glrs.stage1 splits the weights).
+DEFAULTS = {"method": "ialm", "lambda_scale": 1.0, "tol": 1e-7, "max_iter": 500, "rho": 1.5, "mu_factor": 1.25,
+            "dtype": "float64"}
 SUBSPACE_MIN_DIM = 1024  # "auto" uses the subspace SVT when min(m, n) >= this
 SUBSPACE_MAX_FRACTION = 0.3  # ... and gives up on it once the block exceeds this share of min(m, n)
 SVT_METHODS = ("auto", "gram", "subspace")

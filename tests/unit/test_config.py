@@ -62,3 +62,17 @@ def test_nested_command_line_values_are_typed_as_yaml():
     cfg["realise"] = {"damp": "0.02"}
     out = config.validate(cfg)
     assert out["rpca"] == {"method": "none", "lambda_scale": 2, "max_iter": 300} and out["realise"]["damp"] == 0.02
+
+
+def test_schema_and_modules_name_the_same_settings():
+    """Each section's settings are defined with their defaults in one module; the schema checks their values.
+    The two must name the same keys, so that a setting added to one is never missing from the other."""
+    import yaml
+
+    from glrs import cap, realise, rpca
+
+    schema = yaml.safe_load(config.SCHEMA.read_text())
+    props = schema["properties"]
+    assert set(props["rpca"]["properties"]) == set(rpca.DEFAULTS)
+    assert set(props["realise"]["properties"]) == set(realise.DEFAULTS) | {"sparsity"}
+    assert set(schema["$defs"]["cap_params"]["properties"]) == set(cap.ALLOC_PARAMS_DEFAULTS) | set(cap.OPTIONAL)
