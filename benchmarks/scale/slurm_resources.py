@@ -14,7 +14,8 @@ per rule:
                rules that hold the whole model (WHOLE_MODEL), the per-layer parameter ratio for those that
                hold one layer at a time (PER_LAYER: decompose, realise, plot_spectra), 1 for the rest
                (tokens, tables and figures: calibrate, summarize, plots, versions)
-    mem_mb     1.5 x (base + (peak RSS - base) x ratio), rounded up to a whole GB, at least 4 GB;
+    mem_mb     1.5 x (base + (peak RSS - base) x ratio x bytes), rounded up to a whole GB, at least 4 GB;
+               bytes = the 8B run's bytes a weight (float16, config/scale-8b.yaml) / the measured run's;
                base = the smallest peak RSS of any job of the run (a job that does little beyond
                importing torch and glrs), which does not grow with the model
     runtime    3 x longest job seconds x ratio, in minutes, rounded up to 10, within [30, 1440]
@@ -43,11 +44,14 @@ SOURCES = [REPO / "results" / "benchmarks" / "scale_8b.json", REPO / "results" /
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 MARKER = "# set-resources below is written by benchmarks/scale/slurm_resources.py"
 LLAMA_8B = {"layers": 32, "hidden": 4096, "intermediate": 14336, "vocab": 128256, "kv_heads": 8, "heads": 32,
-            "tied_embeddings": False}
+            "tied_embeddings": False, "dtype": "float16"}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Rules a run may not execute (the default has no Stage 1 and no dense export) -> the measured rule whose
 # job has the same shape: one layer's factorisation, a whole-model write, a whole-model evaluation, ...
 STAND_IN = {"decompose": "realise", "materialize": "materialize_realised", "evaluate_zeroshot": "evaluate_ppl",
-            "compress": "allocate", "allocate_with_masks": "allocate", "plot_zeroshot": "plot_ppl"}
+            "compress": "allocate", "allocate_with_masks": "allocate", "plot_zeroshot": "plot_ppl",
+            # the workflow writes materialize_realised's benchmark under bench/materialize/
+            "materialize_realised": "materialize"}
 WHOLE_MODEL = {"prepare_model", "activations", "allocate", "compress", "materialize", "materialize_realised",
                "evaluate_ppl", "evaluate_zeroshot"}
 PER_LAYER = {"decompose", "realise", "plot_spectra"}
@@ -84,14 +88,15 @@ def resources(record: dict, rules: dict[str, int], target: dict) -> dict[str, di
         if source in stages and stages[source].get("peak_rss_bytes"):
             m = stages[source]
             ratio = whole if kind in WHOLE_MODEL else layer if kind in PER_LAYER else 1.0
-            mem = MEM_FACTOR * (base + (m["peak_rss_bytes"] - base) * ratio) / 2**20
+            size = DTYPE_BYTES[target["dtype"]] / DTYPE_BYTES[shape["dtype"]] if ratio != 1.0 else 1.0
+            mem = MEM_FACTOR * (base + (m["peak_rss_bytes"] - base) * ratio * size) / 2**20
             minutes = TIME_FACTOR * m["max_job_seconds"] * ratio / 60
             entry["mem_mb"] = max(4000, 1000 * math.ceil(mem / 1000))
             entry["runtime"] = min(1440, max(30, 10 * math.ceil(minutes / 10)))
             entry["from"] = (f"{source}: peak RSS {m['peak_rss_bytes'] / 2**30:.2f} GiB, longest job "
                              f"{m['max_job_seconds']:.0f} s, x{ratio:.3g}")
         else:
-            entry.update(LIGHT, **{"from": "not measured: LIGHT"})
+            entry.update(LIGHT, **{"from": "no benchmark in the run: LIGHT"})
         out[rule] = entry
     return out
 
