@@ -47,7 +47,8 @@ def stages(results: Path) -> dict:
 
 def shape_of(model_dir: Path) -> dict:
     cfg = json.loads((model_dir / "config.json").read_text())
-    return {"layers": cfg["num_hidden_layers"], "hidden": cfg["hidden_size"], "intermediate": cfg["intermediate_size"],
+    dtype = json.loads((model_dir / "glrs_manifest.json").read_text())["dtype"]
+    return {"dtype": dtype, "layers": cfg["num_hidden_layers"], "hidden": cfg["hidden_size"], "intermediate": cfg["intermediate_size"],
             "vocab": cfg["vocab_size"], "kv_heads": cfg["num_key_value_heads"], "heads": cfg["num_attention_heads"],
             "tied_embeddings": bool(cfg.get("tie_word_embeddings", False))}
 

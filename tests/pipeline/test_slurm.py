@@ -1,27 +1,31 @@
-"""Snakemake through a real Slurm: `snakemake --executor slurm` runs glrs jobs to completion.
+"""The repository's own Snakefile through a real Slurm (`snakemake --executor slurm`), on a tiny random Llama.
 
 Needs a running Slurm whose node shares this filesystem, e.g. the single-node one that
-`sudo bash tests/slurm/start_slurm.sh` starts on this host, and the executor plugin
-(pip install snakemake-executor-plugin-slurm). Skipped, with the reason, otherwise.
+`sudo bash tests/slurm/start_slurm.sh` starts on this host, and the executor plugin (a dependency of glrs).
+Skipped, with the reason, otherwise.
 
-The workflow is a tiny self-contained Snakefile (prepare a 2-layer random Llama, decompose each
-layer as its own Slurm job, gather the results) run with the CPU-only test profile
-tests/slurm/profile-cpu, which maps the pipeline's `gpu` resource to nothing.
+The run uses profiles/slurm as a CPU-only cluster would (slurm_profile.cpu_profile: the same rules'
+resources with no GPU and a test node's memory), checks that every job went through Slurm, one Slurm job
+per layer for the per-layer rule, that its outputs are byte-identical to a local run of the same config,
+and that a second run submits nothing.
 """
 from __future__ import annotations
 
+import csv
+import filecmp
 import importlib.util
-import json
+import os
+import re
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-PROFILE = REPO / "tests" / "slurm" / "profile-cpu"
+from conftest import REPO
+from slurm_profile import cpu_profile
+from test_snakemake import write_config
 
 pytestmark = pytest.mark.slurm
 
@@ -43,93 +47,88 @@ def _slurm_unavailable() -> str | None:
     return None
 
 
-SNAKEFILE = textwrap.dedent(
-    """
-    import json
-
-    PY = config["python"]
-    LAYERS = range(2)
-    PARAMS = json.dumps({"lambda_scale": 1.0, "tol": 1e-7, "max_iter": 100, "rho": 1.5, "mu_factor": 1.25,
-                         "dtype": "float64"})
+def tiny_config(workdir: Path, model: Path) -> None:
+    """CAP's default (learned Stage 2, no RPCA, per-layer refit) and one baseline (Wanda), short schedules."""
+    write_config(workdir, model, methods=["cap", "wanda"], allocators=["cap"], rpca={"method": "none"},
+                 evaluation={"zeroshot": {"tasks": []}}, plots={"spectra_layers": [0]})
 
 
-    rule all:
-        input:
-            "summary.json",
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), *args]
+    # Jobs run `python -m glrs` inside Slurm with the environment of this process (sbatch exports it):
+    # this checkout's glrs first, as in the local run.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=workdir, env=env)
 
 
-    rule prepare_model:
-        input:
-            "hf/config.json",
-        output:
-            "model/glrs_manifest.json",
-        shell:
-            "{PY} -m glrs prepare-model --spec hf --out model"
+def slurm_jobs(workdir: Path) -> dict[str, list[tuple[str, str]]]:
+    """rule -> [(wildcards, Slurm job id)] from the executor's per-job logs (.snakemake/slurm_logs/rule_<r>/<w>/<id>.log)."""
+    jobs: dict[str, list[tuple[str, str]]] = {}
+    for log in sorted((workdir / ".snakemake" / "slurm_logs").glob("rule_*/**/*.log")):
+        rule = log.relative_to(workdir / ".snakemake" / "slurm_logs").parts[0].removeprefix("rule_")
+        jobs.setdefault(rule, []).append((log.parent.name, log.stem))
+    return jobs
 
 
-    rule decompose:
-        input:
-            "model/glrs_manifest.json",
-        output:
-            rpca="rpca/layer_{i}.safetensors",
-            job="jobs/layer_{i}.txt",
-        resources:
-            gpu=1,
-        shell:
-            "echo \\"$SLURM_JOB_ID $(hostname)\\" > {output.job} && "
-            "{PY} -m glrs decompose --model-dir model --layer {wildcards.i} --params '{PARAMS}' --device auto "
-            "--out {output.rpca}"
+def job_stats(log: str) -> dict[str, int]:
+    """rule -> job count from the 'Job stats' table that Snakemake prints before it starts."""
+    table = log.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
 
 
-    rule gather:
-        input:
-            expand("rpca/layer_{i}.safetensors", i=LAYERS),
-        output:
-            "summary.json",
-        run:
-            from glrs.stage1 import read_rpca_layer
-
-            summary = {}
-            for path in input:
-                meta, _ = read_rpca_layer(path)
-                summary[meta["layer"]] = {k: m["rank"] for k, m in meta["matrices"].items()}
-            with open(output[0], "w") as f:
-                json.dump(summary, f)
-    """
-)
-
-MAKE_MODEL = textwrap.dedent(
-    """
-    import sys, torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out, tokenizer_dir = sys.argv[1], sys.argv[2]
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)  # a real tokenizer: prepare-model checks it
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    """
-)
-
-
-def test_tiny_workflow_runs_through_slurm(tmp_path, real_tokenizer_dir):
+def test_real_snakefile_runs_through_slurm(tmp_path, tiny_llama_dir):
     reason = _slurm_unavailable()
     if reason:
         pytest.skip(reason)
-    subprocess.run([sys.executable, "-c", MAKE_MODEL, str(tmp_path / "hf"), str(real_tokenizer_dir)], check=True,
-                   timeout=300)
-    (tmp_path / "Snakefile").write_text(SNAKEFILE)
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(tmp_path / "Snakefile"), "--directory", str(tmp_path),
-           "--profile", str(PROFILE), "--config", f"python={sys.executable}"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    local, slurm = tmp_path / "local", tmp_path / "slurm"
+    for wd in (local, slurm):
+        wd.mkdir()
+        tiny_config(wd, tiny_llama_dir)
+    profile = cpu_profile(tmp_path / "profile")
+
+    run = snakemake(local, "--cores", "2")
+    assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
+    planned = job_stats(run.stdout + run.stderr)
+    planned.pop("all")  # the default target gathers outputs: no job of its own
+    run = snakemake(slurm, "--profile", str(profile))
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-6000:]
-    assert "submitted with SLURM jobid" in log, log[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert sorted(summary) == ["0", "1"]
-    assert all(set(ranks) == {"q", "k", "v", "o", "gate", "up", "down"} for ranks in summary.values())
-    for i in range(2):
-        job_id, _host = (tmp_path / "jobs" / f"layer_{i}.txt").read_text().split()
-        assert job_id.isdigit(), "the decompose job did not run inside a Slurm allocation"
+
+    # Every job that the local run ran was a Slurm job of its own, and Slurm saw each one complete.
+    jobs = slurm_jobs(slurm)
+    assert {rule: len(j) for rule, j in jobs.items()} == planned, log[-3000:]
+    ids = {job_id: rule for rule, rule_jobs in jobs.items() for _, job_id in rule_jobs}
+    assert all(i.isdigit() for i in ids) and len(ids) == sum(planned.values())
+    assert log.count("submitted with SLURM jobid") == len(ids)
+    # The executor names each job's rule in its Slurm comment; MinJobAge keeps finished jobs in squeue.
+    seen = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i %T %k"],
+                          capture_output=True, text=True, check=True).stdout.split("\n")
+    seen = {i: (state, comment) for i, state, comment in (line.split() for line in seen if line)}
+    assert set(seen) == set(ids)
+    for i, (state, comment) in seen.items():
+        assert state == "COMPLETED" and re.match(rf"rule_{ids[i]}(_wildcards_|$)", comment), (i, state, comment)
+    # The per-layer rule: one Slurm job per layer of the tiny model (wildcards realise_key_layer).
+    assert sorted(w.rsplit("_", 1)[1] for w, _ in jobs["realise"]) == ["0", "1", "2"], jobs["realise"]
+
+    # Same config, same bytes: every compressed model and the summary's perplexities.
+    comp_local = sorted(p.name for p in (local / "results" / "compressed").iterdir())
+    assert comp_local == sorted(p.name for p in (slurm / "results" / "compressed").iterdir()) and len(comp_local) == 2
+    for key in comp_local:
+        a, b = local / "results" / "compressed" / key, slurm / "results" / "compressed" / key
+        names = sorted(p.name for p in a.iterdir())
+        assert names == sorted(p.name for p in b.iterdir())
+        match, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
+        assert not mismatch and not errors, (key, mismatch, errors)
+
+    def ppl(wd):
+        return {(r["method"], r["allocator"]): r["ppl_pydoc"] for r in csv.DictReader((wd / "results" / "summary.csv").open())}
+
+    assert ppl(slurm) == ppl(local) and len(ppl(local)) == 3
+
+    # A second run finds everything done and submits nothing.
+    again = snakemake(slurm, "--profile", str(profile))
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert "Nothing to be done" in again.stdout + again.stderr
+    assert "SLURM jobid" not in again.stdout + again.stderr
+    assert slurm_jobs(slurm) == jobs
