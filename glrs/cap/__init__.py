@@ -221,7 +221,7 @@ ALLOC_PARAMS_DEFAULTS: dict = {
     "init_temperature": 0.25,  # s = sigmoid((ln score - c) / T); small T: masks sampled near each block's boundary
     "sparse_group_size": 1,    # sparse entries per Bernoulli variable (1 = per entry, the paper)
     "max_steps": 0,            # cap on steps (0: epochs * ceil(nsamples / batch_size))
-    "offload": False,          # keep factors on the CPU, copy one decoder layer's at a time
+    "offload": False,          # keep factors (policy budget: weights, ranks) on the CPU, one layer's on the device
     "dtype": "float32",        # model compute dtype: float32 | bfloat16 | float16
     "prob_dtype": "float32",   # storage of the probabilities: float32 | float16
 }

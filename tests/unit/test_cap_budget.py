@@ -224,3 +224,32 @@ def test_budget_policy_needs_its_inputs(planted):
     with pytest.raises(GlrsError, match="space cap only"):
         cap.resolve_params({"policy": "budget"}, "sparse-only")
     assert cap.resolve_params({}, "lowrank-only")["policy"] == "tied"
+
+
+def test_offload_and_bfloat16_give_the_resident_budgets(planted, monkeypatch):
+    """`offload: true` (or a GPU memory cap, GLRS_GPU_MEMORY_GB) keeps the targets in CPU memory and builds
+    each layer's pruned weights only while it runs: the same losses and budgets bit for bit. Stage 2 also
+    runs in bfloat16 (the 8B setting): its budgets still spend the global budget exactly."""
+    params = {"epochs": 2, "budget_lr": 0.1}
+    _, resident = run(planted, params)
+    _, offloaded = run(planted, params | {"offload": True})
+    assert offloaded["learned_budgets"] == resident["learned_budgets"]
+    assert offloaded["losses"] == resident["losses"]
+    monkeypatch.setenv("GLRS_GPU_MEMORY_GB", "24")
+    _, capped = run(planted, params)
+    assert capped["losses"] == resident["losses"]
+    monkeypatch.delenv("GLRS_GPU_MEMORY_GB")
+    alloc, bf16 = run(planted, params | {"dtype": "bfloat16"})
+    assert sum(bf16["learned_budgets"].values()) == allocate.budget_for(planted["pools"], 0.5)
+    assert all(math.isfinite(x) for step in bf16["losses"] for pair in step for x in pair)
+
+
+def test_gpu_memory_cap_must_be_a_positive_number(monkeypatch):
+    from glrs import gpuslots
+    from glrs.errors import GlrsError
+
+    monkeypatch.setenv("GLRS_GPU_MEMORY_GB", "lots")
+    with pytest.raises(GlrsError, match="GLRS_GPU_MEMORY_GB"):
+        gpuslots.memory_cap_bytes()
+    monkeypatch.setenv("GLRS_GPU_MEMORY_GB", "1.5")
+    assert gpuslots.memory_cap_bytes() == int(1.5 * 2**30)
