@@ -97,9 +97,8 @@ def collect(model_dir: str, calib_ids: torch.Tensor, layers: list[int], out_dir:
             for short, group in INPUT_OF.items():
                 st = layer_stats[short]
                 if group not in groups:
-                    groups[group] = pack((st.H / max(st.tokens, 1)).to(torch.float32)).cpu()
-            with cas.atomic_path(layer_file(partial, i)) as tmp:
-                save_file(groups, str(tmp), metadata={"glrs": cas.canonical_json(meta | {"layer": i})})
+                    groups[group] = st.H / max(st.tokens, 1)
+            write_layer(layer_file(partial, i), groups, meta | {"layer": i})
             return {}
 
         skip = set(range(len(model.model.layers))) - (set(layers) - done)
@@ -109,6 +108,16 @@ def collect(model_dir: str, calib_ids: torch.Tensor, layers: list[int], out_dir:
         os.replace(layer_file(partial, i), layer_file(out_dir, i))
     partial.rmdir()
     return meta
+
+
+def write_layer(path: str | Path, H: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write one layer's file: group (attn, o, mlp, down) -> H [n, n], stored as its float32 upper triangle."""
+    missing = sorted(set(INPUT_OF.values()) - set(H))
+    if missing:
+        raise GlrsError(f"activation statistics lack {missing}")
+    groups = {g: pack(h.to(torch.float32)).cpu() for g, h in H.items()}
+    with cas.atomic_path(path) as tmp:
+        save_file(groups, str(tmp), metadata={"glrs": cas.canonical_json(meta | {"version": STATS_VERSION})})
 
 
 def _matches(path: Path, meta: dict, layer: int) -> bool:

@@ -70,7 +70,6 @@ def test_owl_densities_follow_the_outlier_shares_and_keep_the_mean():
 
 def test_owl_gives_the_layer_with_outliers_more(tmp_path, tiny_prepared):
     """On a real (tiny) checkpoint: plant activation outliers in layer 1's statistics and it keeps more."""
-    from safetensors.torch import save_file
 
     from glrs import modelio, stats
 
@@ -90,7 +89,7 @@ def test_owl_gives_the_layer_with_outliers_more(tmp_path, tiny_prepared):
                     d[:2] = 1e4  # two outlier input features
                 tensors[g] = torch.diag(d)
         path = tmp_path / f"layer_{layer}.safetensors"
-        save_file(tensors, str(path), metadata={"glrs": "{}"})
+        stats.write_layer(path, tensors, {})
         files.append(str(path))
     alloc = allocate.owl(pools_, 0.5, str(tiny_prepared), files)
     kept = {layer: sum(int(alloc.sparse_keep[p.name].sum()) for p in pools_ if p.layer == layer) for layer in range(3)}

@@ -253,3 +253,23 @@ def test_gpu_memory_cap_must_be_a_positive_number(monkeypatch):
         gpuslots.memory_cap_bytes()
     monkeypatch.setenv("GLRS_GPU_MEMORY_GB", "1.5")
     assert gpuslots.memory_cap_bytes() == int(1.5 * 2**30)
+
+
+def test_partly_resident_offload_gives_the_same_losses(planted):
+    """With a resident allowance (what a GPU memory cap leaves) some matrices stay on the device and the
+    rest are copied per layer: the losses equal the all-resident ones."""
+    from transformers import AutoModelForCausalLM
+
+    pools = planted["pools"]
+    ids = planted["ids"][:2]
+    budgets = [p.dense // 3 for p in pools]
+    H = [torch.rand(p.shape[1], generator=torch.Generator().manual_seed(j)) + 0.1 for j, p in enumerate(pools)]
+    losses = []
+    for offload, resident in ((False, 0), (True, 0), (True, 3 * pools[0].dense * 6)):
+        model = AutoModelForCausalLM.from_pretrained(planted["model_dir"], dtype=torch.float32).eval()
+        mods = [model.get_submodule(p.name.removesuffix(".weight")) for p in pools]
+        eng = cap_budget.PrunedSurrogate(model, mods, [p.layer for p in pools], H, torch.device("cpu"), torch.float32,
+                                         offload=offload, resident_bytes=resident)
+        losses.append(eng.loss(ids, budgets))
+        eng.close()
+    assert losses[0] == losses[1] == losses[2]
