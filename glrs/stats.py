@@ -106,7 +106,8 @@ def collect(model_dir: str, calib_ids: torch.Tensor, layers: list[int], out_dir:
                           skip=skip, compute_dtype=torch.float32)
     for i in layers:
         os.replace(layer_file(partial, i), layer_file(out_dir, i))
-    partial.rmdir()
+    if not any(partial.iterdir()):
+        partial.rmdir()
     return meta
 
 

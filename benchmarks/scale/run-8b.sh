@@ -21,7 +21,8 @@ log=$state/run.log
 export GLRS_GPU_LOCKS=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$state" results/benchmarks
 say() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$log"; }
-python3 -c "import snakemake" 2>/dev/null || python3 -m pip install -q --no-index --find-links .whl snakemake \
+wheels() { python3 -m pip install -q --no-index --find-links .whl "$@" snakemake; }
+python3 -c "import snakemake" 2>/dev/null || wheels || wheels --break-system-packages \
     || { say "snakemake missing and not installable from .whl (carry .whl)"; exit 1; }
 if [[ ! -f $model/random_llama.json ]]; then
     [[ -f $tok/tokenizer_config.json ]] || { say "no tokenizer at $tok (carry results/scale/tokenizer)"; exit 1; }
