@@ -18,6 +18,7 @@ Allocators (config `allocators`):
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,19 +199,33 @@ def summarize(pools: list[MatrixPool], alloc: Allocation, density: float) -> dic
 
 
 def save(alloc: Allocation, info: dict, json_path: str | Path, masks_path: str | Path | None) -> None:
-    """The budgets (json) always; the per-candidate keep-masks (one bool per candidate) only if asked."""
+    """The allocation's JSON (per-matrix budgets) always; its keep-masks only if asked, one bit a candidate
+    (uint8, bit j of byte b = candidate 8b + j; glrs.compressed.pack_bitmask's order): a bool a weight
+    would be 7 GB at 8B."""
     if masks_path is not None:
-        tensors = {f"{n}.rank_keep": m.contiguous() for n, m in alloc.rank_keep.items()}
-        tensors |= {f"{n}.sparse_keep": m.contiguous() for n, m in alloc.sparse_keep.items()}
+        from .compressed import pack_bitmask
+
+        masks = {f"{n}.rank_keep": m for n, m in alloc.rank_keep.items()}
+        masks |= {f"{n}.sparse_keep": m for n, m in alloc.sparse_keep.items()}
+        tensors = {k: pack_bitmask(m.reshape(1, -1)).reshape(-1) for k, m in masks.items()}
+        numel = {k: int(m.numel()) for k, m in masks.items()}
         with cas.atomic_path(masks_path) as tmp:
-            save_file(tensors, str(tmp))
+            save_file(tensors, str(tmp), metadata={"bits": cas.canonical_json(numel)})
     cas.write_json_atomic(json_path, info)
 
 
 def load_masks(masks_path: str | Path) -> Allocation:
+    """The keep-masks of `save` (or of a file written before they were packed: one bool a candidate)."""
+    from .compressed import unpack_bitmask
+
     rank_keep, sparse_keep = {}, {}
     with safe_open(str(masks_path), framework="pt") as f:
+        meta = f.metadata() or {}
+        numel = json.loads(meta["bits"]) if "bits" in meta else {}
         for key in f.keys():
             name, kind = key.rsplit(".", 1)
-            (rank_keep if kind == "rank_keep" else sparse_keep)[name] = f.get_tensor(key)
+            t = f.get_tensor(key)
+            if key in numel:
+                t = unpack_bitmask(t.reshape(1, -1), numel[key]).reshape(-1)
+            (rank_keep if kind == "rank_keep" else sparse_keep)[name] = t
     return Allocation(rank_keep, sparse_keep)

@@ -113,19 +113,42 @@ def encode(parts: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.
     out = {"U": (parts["U"].to(torch.float64) * root).to(dtype), "V": (parts["V"].to(torch.float64) * root).to(dtype),
            "values": parts["S_values"].to(dtype)}
     if k:
-        idx = parts["S_index"].to(torch.int64)
-        if support == "bitmask":
-            mask = torch.zeros(m * n, dtype=torch.bool)
-            mask[idx] = True
-            mask = mask.view(m, n)
-            out["bitmask"] = pack_bitmask(mask)
-            record["pattern"] = "2:4" if is_2to4(mask) else "unstructured"
-        else:
-            rows = idx // n
-            out["row_offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(rows, minlength=m).cumsum(0)]).to(torch.int32)
-            out["cols"] = (idx % n).to(_col_dtype(n))
-            record["pattern"] = "unstructured"
+        sup_tensors, pattern = encode_support(parts["S_index"], shape, support)
+        out |= sup_tensors
+        record["pattern"] = pattern
     return {k_: v.contiguous() for k_, v in out.items()}, record | {"support": support, "bytes": compact}
+
+
+def encode_support(index: torch.Tensor, shape: tuple[int, int], support: str | None = None) -> tuple[dict, str]:
+    """({"bitmask"} or {"row_offsets", "cols"}, pattern) for flat ascending indices of an m x n matrix; the
+    smaller encoding unless `support` names one. The one encoding of a sparse support: the compact model and
+    the realisation's layer files (glrs.realise) share it."""
+    m, n = shape
+    idx = index.to(torch.int64).cpu()
+    if support is None:
+        sup = support_bytes(shape, int(idx.numel()))
+        support = min(sup, key=sup.get)
+    if support == "bitmask":
+        mask = torch.zeros(m * n, dtype=torch.bool)
+        mask[idx] = True
+        mask = mask.view(m, n)
+        return {"bitmask": pack_bitmask(mask)}, "2:4" if is_2to4(mask) else "unstructured"
+    rows = idx // n
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(rows, minlength=m).cumsum(0)]).to(torch.int32)
+    return {"row_offsets": offsets, "cols": (idx % n).to(_col_dtype(n))}, "unstructured"
+
+
+def decode_support(tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of encode_support: the flat ascending int64 indices (row-major, as the factored form holds them)."""
+    m, n = shape
+    if "bitmask" in tensors:
+        return torch.nonzero(unpack_bitmask(tensors["bitmask"], n).reshape(-1)).squeeze(1)
+    offsets = tensors["row_offsets"].to(torch.int64)
+    cols = tensors["cols"].to(torch.int64)
+    if tensors["cols"].dtype == torch.int16:
+        cols = cols & 0xFFFF  # n = 32768 wraps in int16
+    rows = torch.repeat_interleave(torch.arange(m, dtype=torch.int64), offsets[1:] - offsets[:-1])
+    return rows * n + cols
 
 
 def parts_from_dense(W: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -37,6 +37,35 @@ from typing import Iterator
 
 LOCK_DIR_ENV = "GLRS_GPU_LOCK_DIR"
 LOCKS_ENV = "GLRS_GPU_LOCKS"
+MEMORY_CAP_ENV = "GLRS_GPU_MEMORY_GB"  # cap every GPU job's memory (a smaller card's budget on a bigger one)
+
+
+def memory_cap_bytes() -> int | None:
+    """The GPU memory cap in bytes from GLRS_GPU_MEMORY_GB, or None when unset."""
+    raw = os.environ.get(MEMORY_CAP_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        gb = float(raw)
+    except ValueError:
+        gb = -1.0
+    if not gb > 0:
+        from .errors import GlrsError
+
+        raise GlrsError(f"{MEMORY_CAP_ENV}={raw!r} is not a positive number of GiB; e.g. {MEMORY_CAP_ENV}=24")
+    return int(gb * 2**30)
+
+
+def apply_memory_cap(device: str) -> None:
+    """Limit this process's allocations on `device` to the cap (torch.cuda.set_per_process_memory_fraction):
+    a job that needs more fails with CUDA out of memory, as on a card of that size."""
+    cap = memory_cap_bytes()
+    if cap is None or not str(device).startswith("cuda"):
+        return
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
 
 
 def default_lock_dir() -> Path:
@@ -141,6 +170,7 @@ def device_slot(device: str = "auto", lock_dir: str | os.PathLike | None = None)
     GlrsError without one. Anything explicit ("cpu", "cuda:3") is used as given,
     without a lock: the user chose it."""
     if device not in ("auto", "cuda"):
+        apply_memory_cap(device)
         yield device
         return
     n = _torch_device_count()
@@ -152,4 +182,5 @@ def device_slot(device: str = "auto", lock_dir: str | os.PathLike | None = None)
         yield "cpu"
         return
     with acquire_gpu(n, lock_dir) as dev:
+        apply_memory_cap(dev)
         yield dev

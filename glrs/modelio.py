@@ -245,6 +245,9 @@ def prepare_model(spec: str, out_dir: str | os.PathLike, dtype: str = "float32",
     from transformers import AutoTokenizer
 
     source = resolve_source(spec, revision)
+    shards = _linkable_shards(source, dtype)
+    if shards is not None:
+        return _prepare_linked(spec, source, shards, out_dir, dtype)
     model, tokenizer = _load_hf(source, getattr(torch, dtype))
     with cas.atomic_dir(out_dir) as tmp:
         tokenizer.save_pretrained(tmp)
@@ -260,6 +263,77 @@ def prepare_model(spec: str, out_dir: str | os.PathLike, dtype: str = "float32",
             "targets": {s: list(model.get_submodule(f"model.layers.0.{p}").weight.shape) for s, p in TARGETS.items()},
             "fingerprint": checkpoint_fingerprint(tmp),
             "tokenizer_probe": probe,
+        }
+        cas.write_json_atomic(Path(tmp) / MANIFEST, manifest)
+    return manifest
+
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def _linkable_shards(source: ModelSource, dtype: str) -> list[str] | None:
+    """The source's safetensors files when they can serve as the prepared checkpoint as they are: a local
+    Hugging Face directory whose every tensor is already in `dtype` under the standard names (model.*,
+    lm_head.*). Reads headers only. None otherwise (the checkpoint is loaded and saved)."""
+    if source.kind != "hf_dir":
+        return None
+    root = Path(source.location)
+    try:
+        wmap = _weight_map(root)
+    except GlrsError:
+        return None
+    want = _SAFETENSORS_DTYPES.get(dtype)
+    for file in sorted(set(wmap.values())):
+        with _open(root / file) as f:
+            for name in f.keys():
+                if not name.startswith(("model.", "lm_head.")) or f.get_slice(name).get_dtype() != want:
+                    return None
+    return sorted(set(wmap.values())) + (["model.safetensors.index.json"] if (root / "model.safetensors.index.json").is_file() else [])
+
+
+def _prepare_linked(spec: str, source: ModelSource, shards: list[str], out_dir, dtype: str) -> dict:
+    """prepare_model without a second copy of the weights (issue 21: an 8B checkpoint is 16 GB of a 64 GB
+    disk): the shards are hard-linked (copied file by file where the link fails: another file system),
+    config.json is rewritten with the dtype, the tokenizer saved and checked as on the loading path. The
+    tensors, so the fingerprint and every later stage, are those a load-and-save writes."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    root = Path(source.location)
+    tokenizer = AutoTokenizer.from_pretrained(source.location)
+    with cas.atomic_dir(out_dir) as tmp:
+        tokenizer.save_pretrained(tmp)
+        probe = check_tokenizer(AutoTokenizer.from_pretrained(tmp), spec)
+        linked = True
+        for name in shards:
+            try:
+                os.link(root / name, Path(tmp) / name)
+            except OSError:
+                linked = False
+                shutil.copyfile(root / name, Path(tmp) / name)
+        cfg = json.loads((root / "config.json").read_text())
+        cfg |= {k: dtype for k in ("dtype", "torch_dtype") if k in cfg} or {"dtype": dtype}
+        cas.write_json_atomic(Path(tmp) / "config.json", cfg)
+        if (root / "generation_config.json").is_file():
+            shutil.copyfile(root / "generation_config.json", Path(tmp) / "generation_config.json")
+        wmap = _weight_map(Path(tmp))
+        targets = {}
+        for short, path in TARGETS.items():
+            name = f"model.layers.0.{path}.weight"
+            with _open(Path(tmp) / wmap[name]) as f:
+                targets[short] = list(f.get_slice(name).get_shape())
+        manifest = {
+            "spec": spec,
+            "source_kind": source.kind,
+            "source_key": source.key,
+            "model_type": source.model_type,
+            "num_layers": source.num_layers,
+            "dtype": dtype,
+            "targets": targets,
+            "fingerprint": checkpoint_fingerprint(tmp),
+            "tokenizer_probe": probe,
+            "weights": "hard-linked from the source" if linked else "copied from the source file by file",
         }
         cas.write_json_atomic(Path(tmp) / MANIFEST, manifest)
     return manifest

@@ -36,7 +36,7 @@ GoDec's S-step keeps the 2:4 mask of |W D - L| (scaled space) instead of the row
 every entry kept, S = W; `dense: true`). The allocation's budgets are first moved under a floor of m*n/2 and
 a cap of m*n with the same total (`matrix_budgets_nm`), so a target density below 0.5 is an error. Under
 the default `sparsity: unstructured` nothing of the above applies and the setting is left out of the
-resolved settings: keys and bytes are those of REALISE_VERSION 3.
+resolved settings, so it does not enter the key.
 
 Pruning realisers (`realise.mode: wanda | sparsegpt`): the seam between allocators and realisers
 (docs/design.md section 3). Any allocation's per-matrix budget b is spent as pure sparsity (rank 0, nnz = b)
@@ -74,11 +74,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import cas, modelio, stats
+from . import cas, compressed, modelio, stats
 from .methods.base import row_topk_mask
 from .errors import GlrsError
 
-REALISE_VERSION = 3  # 2: float32 GoDec by subspace iteration; 3: refit by conjugate gradients (refit_iterations)
+REALISE_VERSION = 4  # 2: float32 GoDec by subspace iteration; 3: refit by conjugate gradients (refit_iterations);
+# 4: the sparse support stored as glrs.compressed encodes it (bitmask or int16/int32 columns + int32 row
+# offsets, whichever is smaller) instead of int64 flat indices: ~31 -> ~2.4 GB of indices at 8B, density 0.5
 MODES = ("refit", "select", "wanda", "sparsegpt")
 PRUNING_MODES = ("wanda", "sparsegpt")  # pure sparsity at each matrix's budget, by a baseline's pruning rule
 # The settings each pruning realiser uses (besides mode and sparsity); the others are checked, then left out of
@@ -420,8 +422,11 @@ def realise_layer(model_dir: str, stats_file: str, alloc_json: str, layer: int, 
             spend = prune_matrix if p["mode"] in PRUNING_MODES else realise_matrix
             factors, rec = spend(W.to(device), H[short].to(device), budgets[name], p)
             for part in PARTS:
-                t = factors[part].to("cpu")
-                tensors[f"{short}.{part}"] = (t if part == "S_index" else t.to(W.dtype)).contiguous()
+                if part != "S_index":
+                    tensors[f"{short}.{part}"] = factors[part].to("cpu", W.dtype).contiguous()
+            if factors["S_index"].numel():  # the compact model's support encoding, not 8 bytes an entry
+                support, _ = compressed.encode_support(factors["S_index"], tuple(W.shape))
+                tensors |= {f"{short}.{k}": t.contiguous() for k, t in support.items()}
             records[short] = rec | {"name": name, "shape": list(W.shape), "budget": budgets[name]}
             if nm is not None:  # what the allocation gave it, before the N:M floor moved it
                 records[short]["allocated"] = allocated[name]
@@ -442,5 +447,9 @@ def read_realised(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Ten
         raise GlrsError(f"cannot read realised layer {path}: {e}; delete the file and rerun its realise job") from e
     out = {}
     for short, rec in meta["matrices"].items():
-        out[rec["name"]] = {part: flat[f"{short}.{part}"] for part in PARTS}
+        parts = {part: flat[f"{short}.{part}"] for part in PARTS if part != "S_index"}
+        support = {k: flat[f"{short}.{k}"] for k in ("bitmask", "row_offsets", "cols") if f"{short}.{k}" in flat}
+        parts["S_index"] = (compressed.decode_support(support, tuple(rec["shape"])) if support
+                            else torch.zeros(0, dtype=torch.int64))
+        out[rec["name"]] = {part: parts[part] for part in PARTS}
     return meta, out

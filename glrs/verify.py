@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from . import cas, conditions, pipeline
+from . import allocate, cas, conditions, pipeline
 from .errors import GlrsError
 from .stage1 import Stage1, read_rpca_layer
 
@@ -377,8 +377,12 @@ def _alloc_numeric(a: Path, b: Path) -> tuple[bool, str]:
     if next(a.glob("*.safetensors"), None) is None:
         return _budgets_numeric(json.loads(next(a.glob("*.json")).read_text())["matrices"],
                                 json.loads(next(b.glob("*.json")).read_text())["matrices"])
-    masks_a = _load(next(a.glob("*.safetensors")))[1]
-    masks_b = _load(next(b.glob("*.safetensors")))[1]
+
+    def masks(folder: Path) -> dict[str, torch.Tensor]:
+        alloc = allocate.load_masks(next(folder.glob("*.safetensors")))
+        return {f"{k}.rank_keep": v for k, v in alloc.rank_keep.items()} | {f"{k}.sparse_keep": v for k, v in alloc.sparse_keep.items()}
+
+    masks_a, masks_b = masks(a), masks(b)
     if set(masks_a) != set(masks_b):
         return False, "different matrices"
     worst, where = 0.0, ""

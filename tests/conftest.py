@@ -110,6 +110,19 @@ def slow_dense(U, sigma, V, S_index, S_values, shape) -> torch.Tensor:
     return W
 
 
+def slow_support_positions(t: dict[str, torch.Tensor], m: int, n: int) -> list[tuple[int, int]]:
+    """(row, column) of every kept entry, in row-major order, of a support stored as docs/format.md says:
+    bit j of byte b of a row is column 8b + j; or row offsets and columns (int16 wraps at 32768)."""
+    if "bitmask" in t:
+        bits = t["bitmask"].tolist()
+        return [(i, 8 * b + j) for i in range(m) for b in range(len(bits[i])) for j in range(8)
+                if (bits[i][b] >> j) & 1 and 8 * b + j < n]
+    if "cols" in t:
+        offsets, cols = t["row_offsets"].tolist(), t["cols"].tolist()
+        return [(i, cols[p] & 0xFFFF) for i in range(m) for p in range(offsets[i], offsets[i + 1])]
+    return []
+
+
 def slow_read_compressed(path: Path) -> dict[str, torch.Tensor]:
     """Every target matrix of a compressed model directory, decoded the slow obvious way from the files
     (glrs_format.json + safetensors, docs/format.md): U V^T, plus the values placed one by one at the
@@ -128,14 +141,7 @@ def slow_read_compressed(path: Path) -> dict[str, torch.Tensor]:
             t = {k.removeprefix(name + "."): f.get_tensor(k) for k in f.keys() if k.startswith(name + ".")}
         W = t["U"].double() @ t["V"].double().T
         values = t["values"].double().tolist()
-        positions = []
-        if "bitmask" in t:
-            bits = t["bitmask"].tolist()
-            positions = [(i, 8 * b + j) for i in range(m) for b in range(len(bits[i])) for j in range(8)
-                         if (bits[i][b] >> j) & 1 and 8 * b + j < n]
-        elif "cols" in t:
-            offsets, cols = t["row_offsets"].tolist(), t["cols"].tolist()
-            positions = [(i, cols[p] & 0xFFFF) for i in range(m) for p in range(offsets[i], offsets[i + 1])]
+        positions = slow_support_positions(t, m, n)
         assert len(positions) == len(values) == rec["nnz"], name
         for (i, j), v in zip(positions, values):
             W[i, j] += v

@@ -3,10 +3,12 @@
 
 Random weights say nothing about quality and everything about time and memory: the pipeline reads
 the same shapes, bytes and layer count as from a real 8B checkpoint. Written as a local Hugging Face
-directory (float16 safetensors shards + config + tokenizer), which `model:` in a config accepts.
+directory (bfloat16 safetensors shards + config + tokenizer), which `model:` in a config accepts; in the
+pipeline's dtype, prepare_model hard-links its shards instead of copying them (no second 16 GB).
 
     python benchmarks/scale/random_llama.py --out /tmp/llama8b --tokenizer-from results/model/<key>
-    python benchmarks/scale/random_llama.py --out /tmp/tiny8b --layers 2 --vocab 49152 ...   # a quick check
+    python benchmarks/scale/random_llama.py --out /tmp/tiny --tokenizer-from DIR --layers 2 --hidden 64 \
+        --intermediate 128 --heads 4 --kv-heads 2 --vocab 49152                          # a quick CPU check
 
 Llama-3-8B: 32 layers, hidden 4096, intermediate 14336, 32 heads, 8 KV heads, vocabulary 128256
 (8.03e9 parameters). The tokenizer is borrowed (any local HF tokenizer: the embedded SmolLM2's after
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,7 +38,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=128256)
-    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -63,11 +66,14 @@ def main() -> None:
     model.load_state_dict(state, assign=True)
     model.to(dtype)
     out = Path(args.out)
-    model.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
-    tok.save_pretrained(out)
+    tmp = out.with_name(out.name + ".tmp")  # complete or absent: a rerun after an interruption starts over
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+    tok.save_pretrained(tmp)
     params = sum(t.numel() for t in state.values())
-    (out / "random_llama.json").write_text(json.dumps(vars(args) | {"parameters": params,
+    (tmp / "random_llama.json").write_text(json.dumps(vars(args) | {"parameters": params,
                                                                    "seconds": round(time.time() - t0, 1)}, indent=1))
+    tmp.rename(out)
     print(f"{out}: {params / 1e9:.2f}e9 parameters, {args.layers} layers, {args.dtype}, {time.time() - t0:.0f} s")
 
 

@@ -71,6 +71,9 @@ def rule_gpus(rules_dir: Path) -> dict[str, int]:
         for name, body in zip(blocks[1::2], blocks[2::2]):
             m = re.search(r"\bgpu\s*=\s*(\d+)", body)
             out[name] = int(m.group(1)) if m else 0
+    for smk in sorted(rules_dir.glob("*.smk")):  # `use rule A as B with:` inherits A's resources
+        for parent, child in re.findall(r"^use rule (\w+) as (\w+)", smk.read_text(), flags=re.M):
+            out[child] = out[parent]
     return out
 
 

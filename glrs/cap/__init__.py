@@ -229,7 +229,7 @@ ALLOC_PARAMS_DEFAULTS: dict = {
     "init_temperature": 0.25,  # s = sigmoid((ln score - c) / T); small T: masks sampled near each block's boundary
     "sparse_group_size": 1,    # sparse entries per Bernoulli variable (1 = per entry, the paper)
     "max_steps": 0,            # cap on steps (0: epochs * ceil(nsamples / batch_size))
-    "offload": False,          # keep factors on the CPU, copy one decoder layer's at a time
+    "offload": False,          # keep factors (policy budget: weights, ranks) on the CPU, one layer's on the device
     "dtype": "float32",        # model compute dtype: float32 | bfloat16 | float16
     "prob_dtype": "float32",   # storage of the probabilities: float32 | float16
 }
@@ -450,9 +450,9 @@ def _allocate_budgets(pools, density, p, seed, model_dir, calib_ids, dev, stats_
     layers = sorted({q.layer for q in pools})
     if len(stats_files) != len(layers):
         raise GlrsError(f"CAP: {len(stats_files)} activation-statistics files for {len(layers)} layers")
-    diag_of = {}  # layer by layer: only H's diagonals stay (every layer's H is ~1 GB at 8B)
+    diag_of = {}  # only H's diagonals are read (every layer's H is ~1.6 GB in float64 at 8B)
     for layer, path in zip(layers, stats_files):
-        diag_of[layer] = {short: torch.diagonal(H).float().clone() for short, H in stats.read_layer(path).items()}
+        diag_of[layer] = {short: d.float() for short, d in stats.read_diagonals(path).items()}
     H_diag = [diag_of[q.layer][q.short] for q in pools]
     budgets, info = learn_budgets([q.name for q in pools], [q.layer for q in pools], [q.shape for q in pools],
                                   budget, p, seed, model_dir, calib_ids, H_diag, dev)

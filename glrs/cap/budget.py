@@ -48,6 +48,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
+from .. import gpuslots
 from ..errors import GlrsError
 from ..methods.base import capped_split
 from .loss import calibration_loss
@@ -107,21 +108,43 @@ class BudgetPolicy:
 
 class PrunedSurrogate:
     """The calibration loss of the model whose target matrices keep their top Wanda scores at given
-    budgets; each decoder layer's pruned weights exist only while that layer runs."""
+    budgets; each decoder layer's pruned weights exist only while that layer runs.
+
+    Call it before moving the model to `device`: it takes the target weights out of their modules.
+    Resident (default), the weights (in `dtype`) and their within-row ranks (int16 where n < 2^15) live
+    on `device`: ~4 bytes a target weight in bfloat16, ~28 GB at 8B. `offload`: both stay in (pinned)
+    CPU memory and the running layer's are copied to `device` in the pre-hook (the same product, so the
+    same losses bit for bit); the device then holds the non-target weights and one layer's, ~2.5 GB at
+    8B in bfloat16, at the price of one host-to-device copy of all targets per loss. `resident_bytes`
+    (with offload) keeps the first matrices on the device up to that many bytes of weights + ranks, so a
+    memory cap is spent on fewer copies."""
 
     def __init__(self, model, modules: Sequence[torch.nn.Module], layers: Sequence[int], H_diag: Sequence[torch.Tensor],
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, offload: bool = False, resident_bytes: int = 0):
         self.model, self.device, self.dtype = model, device, dtype
         self.modules = list(modules)
         self.weights, self.ranks = [], []
+        pin_ok = torch.device(device).type == "cuda"
+        left = resident_bytes if offload else None
         for mod, h in zip(self.modules, H_diag):
-            W = mod.weight.data
+            m, n = mod.weight.shape
+            size = m * n * (torch.empty(0, dtype=dtype).element_size() + (2 if n < 2**15 else 4))
+            resident = left is None or size <= left
+            if left is not None and resident:
+                left -= size
+            store, pin = (torch.device(device), False) if resident else (torch.device("cpu"), pin_ok)
+            source = mod.weight.data
+            W = source.to(device)
             score = W.float().abs() * h.to(W.device, torch.float32).clamp_min(0).sqrt().unsqueeze(0)
             order = torch.argsort(score, dim=1, descending=True, stable=True)
+            del score
             rank = torch.empty_like(order)
             rank.scatter_(1, order, torch.arange(W.shape[1], device=W.device).expand_as(order).contiguous())
-            self.ranks.append(rank.to(torch.int16 if W.shape[1] < 2**15 else torch.int32).to(device))
-            self.weights.append(W.to(device, dtype))
+            del order
+            rank = rank.to(torch.int16 if W.shape[1] < 2**15 else torch.int32).to(store)
+            W = (W if resident else source).to(store, dtype)
+            self.ranks.append(rank.pin_memory() if pin else rank)
+            self.weights.append(W.pin_memory() if pin else W)
             mod.weight.data = torch.empty(0, dtype=dtype, device=device)
         self.keep: list[int] = [0] * len(self.modules)
         by_layer: dict[int, list[int]] = {}
@@ -136,7 +159,8 @@ class PrunedSurrogate:
 
     def _materialise(self, js: list[int]) -> None:
         for j in js:
-            W, rank = self.weights[j], self.ranks[j]
+            W = self.weights[j].to(self.device, non_blocking=True)
+            rank = self.ranks[j].to(self.device, non_blocking=True)
             self.modules[j].weight.data = W * (rank < self.keep[j]).to(W.dtype)
 
     def _release(self, js: list[int]) -> None:
@@ -193,8 +217,18 @@ def learn_budgets(names: Sequence[str], layers: Sequence[int], shapes: Sequence[
         if tuple(mod.weight.shape) != tuple(shape):
             raise GlrsError(f"the prepared model's {mod} has shape {tuple(mod.weight.shape)}, the RPCA files say "
                             f"{tuple(shape)}: rerun prepare_model and decompose")
-    model.to(device)
-    engine = PrunedSurrogate(model, modules, layers, H_diag, device, dtype)
+    cap = gpuslots.memory_cap_bytes() if device.type == "cuda" else None
+    offload = bool(params["offload"]) or cap is not None
+    resident = 0
+    if cap is not None and not params["offload"]:  # what the cap leaves after the rest of the model and a reserve
+        targets = {id(mod.weight) for mod in modules}
+        rest = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in targets)
+        resident = max(0, cap - rest - (4 * 2**30 + cap // 8))
+    engine = PrunedSurrogate(model, modules, layers, H_diag, device, dtype, offload=offload, resident_bytes=resident)
+    model.to(device)  # the non-target weights (embeddings, norms, lm_head); the targets are the engine's
+    if offload:
+        print(f"cap[budget]: target weights offloaded to {'pinned ' if device.type == 'cuda' else ''}CPU memory "
+              f"beyond the first {resident / 2**30:.1f} GiB", file=sys.stderr)
     order_gen = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(params["epochs"]):

@@ -269,7 +269,8 @@ def _run_layer(layer, inps, outs, kw, batch_size, hooks: dict[str, nn.Linear] | 
 
 def sequential_layers(model, calib_ids: torch.Tensor, device: str, compress_layer: CompressLayer, *,
                       groups: Iterable[Iterable[str]] | None = None, propagate: str = "compressed",
-                      batch_size: int = 4, moments: str = "full") -> None:
+                      batch_size: int = 4, moments: str = "full", skip: set[int] | None = None,
+                      compute_dtype: torch.dtype | None = None) -> None:
     """Layer-sequential calibration and compression, in place.
 
     For each decoder layer i, for each group of targets (default: one group
@@ -286,7 +287,11 @@ def sequential_layers(model, calib_ids: torch.Tensor, device: str, compress_laye
     it needs a single group. `moments="diag"` collects only diag(H) (the
     column norms Wanda and OATS need; LayerStats.H is then None), which saves
     the n x n accumulation. Layers are moved to `device` one at a time and
-    back to where they were. Statistics are on `device`.
+    back to where they were. Statistics are on `device`. Layers in `skip` only
+    pass their (dense) outputs on: no statistics, no compress_layer call (a
+    resumed statistics job). `compute_dtype`: each layer runs in that dtype while
+    it is on `device` and goes back in its own (a model kept in bfloat16 in
+    memory, computed in float32 one layer at a time).
     """
     if moments not in ("full", "diag"):
         raise ValueError(f"moments must be 'full' or 'diag', not {moments!r}")
@@ -304,8 +309,14 @@ def sequential_layers(model, calib_ids: torch.Tensor, device: str, compress_laye
         inps, kwargs = _capture(model, calib_ids, device, batch_size)
         outs = torch.empty_like(inps)
         for i, layer in enumerate(decoder_layers(model)):
-            home = next(layer.parameters()).device
-            layer.to(device)
+            first = next(layer.parameters())
+            home = (first.device,) if compute_dtype is None else (first.device, first.dtype)
+            layer.to(device, *(() if compute_dtype is None else (compute_dtype,)))
+            if skip and i in skip:
+                _run_layer(layer, inps, outs, kwargs[i], batch_size)
+                layer.to(*home)
+                inps, outs = outs, inps
+                continue
             mods = target_modules(layer)
             changed_after_pass = False
             for group in groups:
@@ -324,7 +335,7 @@ def sequential_layers(model, calib_ids: torch.Tensor, device: str, compress_laye
                 del stats
             if changed_after_pass and propagate == "compressed":
                 _run_layer(layer, inps, outs, kwargs[i], batch_size)
-            layer.to(home)
+            layer.to(*home)
             inps, outs = outs, inps
     finally:
         model.train(was_training)

@@ -224,3 +224,52 @@ def test_budget_policy_needs_its_inputs(planted):
     with pytest.raises(GlrsError, match="space cap only"):
         cap.resolve_params({"policy": "budget"}, "sparse-only")
     assert cap.resolve_params({}, "lowrank-only")["policy"] == "tied"
+
+
+def test_offload_and_bfloat16_give_the_resident_budgets(planted, monkeypatch):
+    """`offload: true` (or a GPU memory cap, GLRS_GPU_MEMORY_GB) keeps the targets in CPU memory and builds
+    each layer's pruned weights only while it runs: the same losses and budgets bit for bit. Stage 2 also
+    runs in bfloat16 (the 8B setting): its budgets still spend the global budget exactly."""
+    params = {"epochs": 2, "budget_lr": 0.1}
+    _, resident = run(planted, params)
+    _, offloaded = run(planted, params | {"offload": True})
+    assert offloaded["learned_budgets"] == resident["learned_budgets"]
+    assert offloaded["losses"] == resident["losses"]
+    monkeypatch.setenv("GLRS_GPU_MEMORY_GB", "24")
+    _, capped = run(planted, params)
+    assert capped["losses"] == resident["losses"]
+    monkeypatch.delenv("GLRS_GPU_MEMORY_GB")
+    alloc, bf16 = run(planted, params | {"dtype": "bfloat16"})
+    assert sum(bf16["learned_budgets"].values()) == allocate.budget_for(planted["pools"], 0.5)
+    assert all(math.isfinite(x) for step in bf16["losses"] for pair in step for x in pair)
+
+
+def test_gpu_memory_cap_must_be_a_positive_number(monkeypatch):
+    from glrs import gpuslots
+    from glrs.errors import GlrsError
+
+    monkeypatch.setenv("GLRS_GPU_MEMORY_GB", "lots")
+    with pytest.raises(GlrsError, match="GLRS_GPU_MEMORY_GB"):
+        gpuslots.memory_cap_bytes()
+    monkeypatch.setenv("GLRS_GPU_MEMORY_GB", "1.5")
+    assert gpuslots.memory_cap_bytes() == int(1.5 * 2**30)
+
+
+def test_partly_resident_offload_gives_the_same_losses(planted):
+    """With a resident allowance (what a GPU memory cap leaves) some matrices stay on the device and the
+    rest are copied per layer: the losses equal the all-resident ones."""
+    from transformers import AutoModelForCausalLM
+
+    pools = planted["pools"]
+    ids = planted["ids"][:2]
+    budgets = [p.dense // 3 for p in pools]
+    H = [torch.rand(p.shape[1], generator=torch.Generator().manual_seed(j)) + 0.1 for j, p in enumerate(pools)]
+    losses = []
+    for offload, resident in ((False, 0), (True, 0), (True, 3 * pools[0].dense * 6)):
+        model = AutoModelForCausalLM.from_pretrained(planted["model_dir"], dtype=torch.float32).eval()
+        mods = [model.get_submodule(p.name.removesuffix(".weight")) for p in pools]
+        eng = cap_budget.PrunedSurrogate(model, mods, [p.layer for p in pools], H, torch.device("cpu"), torch.float32,
+                                         offload=offload, resident_bytes=resident)
+        losses.append(eng.loss(ids, budgets))
+        eng.close()
+    assert losses[0] == losses[1] == losses[2]

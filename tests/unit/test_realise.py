@@ -213,3 +213,39 @@ def test_realised_matrix_without_a_low_rank_part():
     assert rec["rank"] == 0 and f["U"].shape == (m, 0) and f["V"].shape == (n, 0)
     assert rec["params"] == rec["nnz"] == int(0.3 * m * n)
     assert rec["error"] == pytest.approx(realise.output_error(W, _compose(f, (m, n)), H), rel=1e-9)
+
+
+@pytest.mark.parametrize("density", [0.02, 0.6])  # few entries: columns + row offsets; many: the bitmask
+def test_realised_file_stores_the_compact_support_and_reads_back_the_indices(tmp_path, monkeypatch, density):
+    """REALISE_VERSION 4: the layer file holds the support as glrs.compressed encodes it (no int64 index),
+    and read_realised gives back exactly the flat indices realise_matrix made."""
+    import json
+
+    from safetensors import safe_open
+
+    from glrs import compressed, modelio, stats
+
+    W, H = _planted()
+    m, n = W.shape
+    monkeypatch.setattr(modelio, "read_layer", lambda model_dir, layer: {"down": W.float()})
+    monkeypatch.setattr(stats, "read_layer", lambda path: {"down": H})
+    budget = int(density * m * n)
+    alloc = tmp_path / "alloc.json"
+    alloc.write_text(json.dumps({"matrices": {modelio.weight_name(0, "down"): {"shape": [m, n], "rank": 0,
+                                                                                "nnz": budget}}}))
+    out = tmp_path / "layer_0.safetensors"
+    params = {"iterations": 3}
+    realise.realise_layer("unused", "unused", str(alloc), 0, params, str(out))
+    want, _ = realise.realise_matrix(W.float(), H, budget, realise.resolve_params(params))
+    with safe_open(str(out), framework="pt") as f:
+        keys = set(f.keys())
+        index_bytes = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in keys
+                          if k.split(".")[1] in ("bitmask", "row_offsets", "cols"))
+    assert "down.S_index" not in keys
+    nnz = int(want["S_index"].numel())
+    sizes = compressed.support_bytes((m, n), nnz)
+    support = min(sizes, key=sizes.get)
+    assert support == ("bitmask" if density > 0.5 else "cols") and f"down.{support}" in keys
+    assert index_bytes == sizes[support] < 8 * nnz
+    _, got = realise.read_realised(out)
+    assert torch.equal(got[modelio.weight_name(0, "down")]["S_index"], want["S_index"])

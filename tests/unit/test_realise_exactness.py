@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from glrs import cas, compressed, modelio, pipeline, realise, stats
 
-from conftest import slow_dense, slow_read_compressed
+from conftest import slow_dense, slow_read_compressed, slow_support_positions
 
 transformers = pytest.importorskip("transformers")
 
@@ -95,7 +95,10 @@ def _raw_realised(files) -> dict[str, tuple[dict, tuple]]:
         with safe_open(path, framework="pt") as f:
             meta = json.loads(f.metadata()["glrs"])
             for short, rec in meta["matrices"].items():
-                out[rec["name"]] = (rec, tuple(f.get_tensor(f"{short}.{p}") for p in PARTS))
+                t = {k.removeprefix(short + "."): f.get_tensor(k) for k in f.keys() if k.startswith(short + ".")}
+                m, n = rec["shape"]
+                index = torch.tensor([i * n + j for i, j in slow_support_positions(t, m, n)], dtype=torch.int64)
+                out[rec["name"]] = (rec, tuple(index if p == "S_index" else t[p] for p in PARTS))
     return out
 
 
