@@ -7,7 +7,7 @@ lm-eval's `HFLM` and calls `lm_eval.simple_evaluate` on named tasks:
   hellaswag, winogrande, arc_easy, arc_challenge, openbookqa). Their data live
   on the Hugging Face hub, so they need it to be reachable.
 * OFFLINE_TASKS: tasks shipped with the project, cut deterministically from the
-  held-out *evaluation* half of an offline text (default: CPython's
+  *evaluation* text of an offline source (default: CPython's
   `pydoc_data.topics`, PSF licence; see glrs.data). `build_offline_tasks`
   writes them as lm-eval task YAML over local jsonl; every context and every
   gold answer is a verbatim span of that text (up to whitespace: wrapped lines
@@ -83,17 +83,12 @@ def _norm(s: str) -> str:
 
 
 def _eval_documents(dataset: str) -> list[tuple[str, str]]:
-    """The evaluation half of an offline dataset as (name, text) in load_text's order."""
+    """The evaluation text of an offline dataset as (name, text) in load_text's order (glrs.data)."""
     from . import data
 
     if dataset in data.ONLINE:
         raise GlrsError(f"offline zero-shot tasks are cut from an offline text; {dataset!r} is a hub dataset (use pydoc, python-docs or file:PATH)")
-    docs = data._offline_documents(dataset)
-    chosen = [(name, docs[name]) for name in sorted(docs) if data._is_eval_doc(name)]
-    # The same documents that load_text(dataset, "evaluation") joins; checked, not assumed.
-    if "\n\n".join(t for _, t in chosen) != data.load_text(dataset, "evaluation").text:
-        raise GlrsError("internal: the evaluation split of glrs.data changed; update glrs.zeroshot")
-    return chosen
+    return data.offline_documents(dataset, "evaluation")
 
 
 def _blocks(doc: str):
