@@ -58,7 +58,7 @@ from . import cas
 from .errors import GlrsError
 
 ZEROSHOT_VERSION = 1
-TASKGEN_VERSION = 1
+TASKGEN_VERSION = 2  # 2: an example that recurs (a repeated paragraph) is kept once
 PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 OFFLINE_TASKS = ("glrs_lastword", "glrs_nextsent", "glrs_cloze")
 DEFAULT_N = 300  # examples per offline task (fewer if the text has fewer)
@@ -167,8 +167,17 @@ def _rng(*parts: str) -> random.Random:
 
 
 def _select(cands: list[dict], n: int, group_key: str) -> list[dict]:
-    """Up to n candidates, deterministically: order by content hash, at most one per group first."""
+    """Up to n distinct candidates, deterministically: order by content hash, at most one per group first.
+    Distinct: a paragraph that recurs in one document (pydoc's "types" says "This type has a single value."
+    of three types) gives the same example more than once; it is kept once."""
     cands = sorted(cands, key=lambda c: c["_h"])
+    distinct, shown = [], set()
+    for c in cands:
+        example = json.dumps({k: v for k, v in c.items() if not k.startswith("_")}, sort_keys=True)
+        if example not in shown:
+            shown.add(example)
+            distinct.append(c)
+    cands = distinct
     seen: set[str] = set()
     first, rest = [], []
     for c in cands:
