@@ -42,8 +42,6 @@ ROLES = ("calibration", "validation", "evaluation")
 # into validation and evaluation (which left the calibration text as it was).
 SPLIT_RULE = ("document goes to evaluation iff int(sha256(name)[:8], 16) % 2 == 0; "
               "calibration drops paragraphs that occur in evaluation")
-HELD_OUT_RULE = ("a held-out document goes to validation iff int(sha256(name)[8:16], 16) % 2 == 0, else to "
-                 "evaluation; validation drops paragraphs that occur in evaluation")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,12 @@
 # text (its own file; glrs/data.py, docs/design.md section 8), where settings are chosen.
 
 
+def calibration_arg(target):
+    """--calibration-dataset of a compressed model (its record names that calibration text); none for the dense model."""
+    dataset = PLAN.calibration_dataset(target)
+    return f"--calibration-dataset {shlex.quote(dataset)}" if dataset else ""
+
+
 rule evaluate_ppl:
     conda:
         "../../envs/glrs.yaml"
@@ -15,7 +21,7 @@ rule evaluate_ppl:
         info=lambda wc, input: "" if wc.target == PLAN.dense_target else f"--info {input.model}/info.json",
         dataset=lambda wc: PLAN.dataset_by_safe_name(wc.dataset),
         role=lambda wc: PLAN.ppl_role(PLAN.dataset_by_safe_name(wc.dataset), wc.eval_key),
-        calibration=lambda wc: PLAN.calibration_dataset(wc.target),
+        calibration=lambda wc: calibration_arg(wc.target),
         seqlen=config["evaluation"]["seqlen"],
         max_tokens=lambda wc: f"--max-tokens {config['evaluation']['max_tokens']}" if config["evaluation"].get("max_tokens") else "",
         dtype=config["dtype"],
@@ -28,7 +34,7 @@ rule evaluate_ppl:
         f"{RESULTS}/bench/evaluate_ppl/{{target}}/{{dataset}}-{{eval_key}}.tsv"
     shell:
         "python -m glrs evaluate-ppl --model {params.model} {params.info} --dataset {params.dataset:q} --role {params.role} "
-        "--calibration-dataset {params.calibration:q} --seqlen {params.seqlen} "
+        "{params.calibration} --seqlen {params.seqlen} "
         "{params.max_tokens} --dtype {params.dtype} --device {params.device} --out {output} > {log} 2>&1"
 
 
@@ -45,7 +51,7 @@ rule evaluate_zeroshot:
         model=lambda wc, input: input.model,  # a compressed model is evaluated as it loads (glrs.load)
         info=lambda wc, input: "" if wc.target == PLAN.dense_target else f"--info {input.model}/info.json",
         tasks=" ".join(PLAN.zeroshot_tasks),
-        calibration=lambda wc: PLAN.calibration_dataset(wc.target),
+        calibration=lambda wc: calibration_arg(wc.target),
         limit=lambda wc: f"--limit {config['evaluation']['zeroshot']['limit']}" if config["evaluation"].get("zeroshot", {}).get("limit") else "",
         dtype=config["dtype"],
         device=config["device"],
@@ -58,7 +64,7 @@ rule evaluate_zeroshot:
         f"{RESULTS}/bench/evaluate_zeroshot/{{target}}/{{zs_key}}.tsv"
     shell:
         "python -m glrs evaluate-zeroshot --model {params.model} {params.info} --tasks {params.tasks} {params.limit} "
-        "--calibration-dataset {params.calibration:q} "
+        "{params.calibration} "
         "--dtype {params.dtype} --device {params.device} --seed {params.seed} --out {output} > {log} 2>&1"
 
 
