@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True)
     s.add_argument("--info", help="info.json of a compressed model")
     s.add_argument("--dataset", required=True)
+    s.add_argument("--role", default="evaluation", choices=("evaluation", "validation"),
+                   help="which text of the dataset: evaluation (reported) or validation (settings are chosen on it)")
+    s.add_argument("--calibration-dataset", default="",
+                   help="the calibration source of a compressed model, whose text the record names ('' for dense)")
     s.add_argument("--seqlen", type=int, default=2048)
     s.add_argument("--max-tokens", type=int)
     s.add_argument("--dtype", default="float32")
@@ -131,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--info", help="info.json of a compressed model")
     s.add_argument("--tasks", nargs="+", required=True)
     s.add_argument("--limit", type=int, help="examples per task (default: all)")
+    s.add_argument("--calibration-dataset", default="",
+                   help="the calibration source of a compressed model, whose text the record names ('' for dense)")
     s.add_argument("--dtype", default="float32")
     s.add_argument("--device", default="auto")
     s.add_argument("--seed", type=int, default=0)
@@ -232,12 +238,14 @@ def run(args: argparse.Namespace) -> None:
         print(f"{args.method}: target density {args.density}, achieved {info['achieved_density']:.5f}")
     elif c == "evaluate-ppl":
         rec = pipeline.evaluate_ppl(args.model, args.info, args.dataset, args.seqlen, args.max_tokens, args.dtype,
-                                    args.out, args.device)
-        print(f"ppl[{args.dataset}] = {rec['ppl']:.4f} over {rec['tokens']} tokens")
+                                    args.out, args.device, args.role, args.calibration_dataset)
+        print(f"ppl[{args.dataset}, {args.role}] = {rec['ppl']:.4f} over {rec['tokens']} tokens")
     elif c == "evaluate-zeroshot":
-        rec = evaluate_zeroshot(args.model, args.info, args.tasks, args.limit, args.dtype, args.device, args.seed, args.out)
+        rec = evaluate_zeroshot(args.model, args.info, args.tasks, args.limit, args.dtype, args.device, args.seed, args.out,
+                                args.calibration_dataset)
         for task, acc in rec["accuracy"].items():
-            print(f"acc[{task}] = {acc:.4f}")
+            se = rec["stderr"].get(task)
+            print(f"acc[{task}] = {acc:.4f}" + ("" if se is None else f" +- {se:.4f}"))
     elif c == "summarize":
         from .summary import write_summary
 
@@ -294,21 +302,37 @@ def run(args: argparse.Namespace) -> None:
 
 
 def evaluate_zeroshot(model: str, info_file: str | None, tasks: list[str], limit: int | None, dtype: str,
-                      device: str, seed: int, out: str) -> dict:
+                      device: str, seed: int, out: str, calibration: str = "") -> dict:
     """glrs.zeroshot.run_zeroshot under a GPU slot; the record carries the same run fields as the
-    perplexity records (the compressed model's info.json, or pipeline.dense_run_info), kind 'zeroshot'
-    and accuracy {task: acc}."""
+    perplexity records (the compressed model's info.json, or pipeline.dense_run_info), kind 'zeroshot',
+    accuracy {task: acc}, lm-eval's standard error of each {task: acc_stderr} and the texts (glrs.data.fingerprints:
+    the calibration text, and the source of the offline tasks, which are cut from its evaluation text)."""
     import tempfile
     from pathlib import Path
 
-    from . import cas, gpuslots, pipeline, zeroshot
+    from . import gpuslots, zeroshot
 
     with tempfile.TemporaryDirectory(prefix="glrs-zs-") as tmp:
         with gpuslots.device_slot(device) as dev:
             rec = zeroshot.run_zeroshot(model, tasks, str(Path(tmp) / "zs.json"), dev, limit, seed, dtype=dtype)
+    return write_zeroshot_record(rec, info_file, model, tasks, out, calibration)
+
+
+def write_zeroshot_record(rec: dict, info_file: str | None, model: str, tasks: list[str], out: str,
+                          calibration: str = "") -> dict:
+    """The pipeline's zero-shot record from run_zeroshot's: the run fields, accuracy and stderr per task, texts."""
+    from pathlib import Path
+
+    from . import cas, data, pipeline
+
     run_info = json.loads(Path(info_file).read_text()) if info_file else pipeline.dense_run_info(model)
+    rec = dict(rec)
     rec["zeroshot_seed"] = rec.pop("seed")
-    record = {**rec, **run_info, "kind": "zeroshot", "accuracy": {t: rec["acc"][t] for t in tasks}}
+    source = (rec.get("offline_tasks") or {}).get("dataset")
+    texts = data.fingerprints(source, calibration) if source else {
+        "calibration": data.text_identity(calibration, "calibration") if calibration else None}
+    record = {**rec, **run_info, "kind": "zeroshot", "accuracy": {t: rec["acc"][t] for t in tasks},
+              "stderr": {t: rec["results"][t].get("acc_stderr") for t in tasks}, "texts": texts}
     cas.write_json_atomic(out, record)
     return record
 

@@ -312,17 +312,23 @@ def load_model(path: str, dtype: str, device: str):
 
 
 def evaluate_ppl(model_path: str, info_file: str | None, dataset: str, seqlen: int, max_tokens: int | None,
-                 dtype: str, out: str, device: str = "auto") -> dict:
+                 dtype: str, out: str, device: str = "auto", role: str = "evaluation", calibration: str = "") -> dict:
+    """Perplexity on one text of `dataset`: `role` 'evaluation' (what is reported) or 'validation' (what settings
+    are chosen on). The record names the three texts (data.fingerprints); `calibration` is the calibration source
+    of a compressed model ('' for the dense model)."""
     from transformers import AutoTokenizer
 
     from . import evaluate
 
+    if role not in ("evaluation", "validation"):
+        raise GlrsError(f"perplexity role {role!r}: use evaluation or validation")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    text = data.load_text(dataset, "evaluation")
+    text = data.load_text(dataset, role)
     with gpuslots.device_slot(device) as dev:
         model = load_model(model_path, dtype, dev)
         result = evaluate.perplexity(model, data.tokenize(tokenizer, text), seqlen, max_tokens, dev)
     run = json.loads(Path(info_file).read_text()) if info_file else dense_run_info(model_path)
-    record = {**run, "dataset": dataset, "split": text.split, "text_sha256": text.fingerprint, **result}
+    record = {**run, "dataset": dataset, "role": role, "split": text.split, "text_sha256": text.fingerprint,
+              "texts": data.fingerprints(dataset, calibration), **result}
     cas.write_json_atomic(out, record)
     return record

@@ -61,6 +61,7 @@ class Plan:
     # that cannot run (N:M sparsity at a density it cannot keep); make_plan leaves them out, Snakefile says so
     realise_modes: dict = field(default_factory=dict)  # realise.mode -> its resolved settings (realise.mode a list:
     # several realisers, each CAP allocation spent by each)
+    val_keys: dict = field(default_factory=dict)  # dataset -> key of the validation perplexity (evaluation.validation)
 
     def realise_params_of(self, run: Run) -> dict:
         """The resolved realise settings of one CAP run (those of its realiser)."""
@@ -143,9 +144,23 @@ class Plan:
     def compressed_dir(run: Run) -> str:
         return f"{RESULTS}/compressed/{run.comp_key}"
 
-    def metrics_file(self, target: str, dataset: str) -> str:
-        """target: 'dense-<model_key>' or a compressed key."""
-        return f"{RESULTS}/metrics/{target}/ppl-{safe_name(dataset)}-{self.eval_keys[dataset]}.json"
+    def metrics_file(self, target: str, dataset: str, role: str = "evaluation") -> str:
+        """target: 'dense-<model_key>' or a compressed key. A validation perplexity has a file of its own, of the
+        same pattern: its key hashes the validation text (the record's `role` says which text it is)."""
+        keys = self.val_keys if role == "validation" else self.eval_keys
+        return f"{RESULTS}/metrics/{target}/ppl-{safe_name(dataset)}-{keys[dataset]}.json"
+
+    def ppl_role(self, dataset: str, key: str) -> str:
+        """Which text a perplexity key measures: 'evaluation' or 'validation'."""
+        if self.val_keys.get(dataset) == key:
+            return "validation"
+        if self.eval_keys.get(dataset) == key:
+            return "evaluation"
+        raise GlrsError(f"no perplexity of {dataset!r} has key {key!r} in this plan")
+
+    def calibration_dataset(self, target: str) -> str:
+        """The calibration source behind a model under test; '' for the dense model, which saw none."""
+        return "" if target == self.dense_target else self.calib_params["dataset"]
 
     def dataset_by_safe_name(self, safe: str) -> str:
         return next(d for d in self.eval_keys if safe_name(d) == safe)
@@ -212,7 +227,8 @@ class Plan:
 
     def all_metrics(self) -> list[str]:
         targets = [self.dense_target] + [r.comp_key for r in self.runs]
-        return [self.metrics_file(t, d) for t in targets for d in self.config["evaluation"]["datasets"]]
+        return [self.metrics_file(t, d, role) for t in targets for d in self.config["evaluation"]["datasets"]
+                for role in ("evaluation", "validation") if role == "evaluation" or self.val_keys]
 
     @property
     def zeroshot_tasks(self) -> list[str]:
@@ -350,13 +366,15 @@ def make_plan(config: dict) -> Plan:
                     runs.append(Run(method, allocator, density, alloc_key, comp_key, params, realise_key, mode))
 
     ev = config["evaluation"]
-    eval_keys = {
-        ds: cas.key_of("ppl", evaluate.EVAL_VERSION, {"text": data.text_identity(ds, "evaluation")},
-                       {"seqlen": ev["seqlen"], "max_tokens": ev.get("max_tokens"), "dtype": config["dtype"]})
-        for ds in ev["datasets"]
-    }
-    return Plan(config, source, model_key, layers, rpca_key, rpca_params, calib_key, calib_params, runs, eval_keys,
-                _zeroshot_key(config), stats_key, realise_params, excluded, realise_modes)
+
+    def ppl_keys(role: str) -> dict[str, str]:  # one protocol; the text of the role tells the keys apart
+        return {ds: cas.key_of("ppl", evaluate.EVAL_VERSION, {"text": data.text_identity(ds, role)},
+                               {"seqlen": ev["seqlen"], "max_tokens": ev.get("max_tokens"), "dtype": config["dtype"]})
+                for ds in ev["datasets"]}
+
+    return Plan(config, source, model_key, layers, rpca_key, rpca_params, calib_key, calib_params, runs,
+                ppl_keys("evaluation"), _zeroshot_key(config), stats_key, realise_params, excluded, realise_modes,
+                ppl_keys("validation") if ev.get("validation") else {})
 
 
 def _lm_eval_version() -> str:

@@ -179,11 +179,12 @@ def _num(value) -> float | None:
 
 
 def _metric_vs_density(rows: list[dict], metric, ylabel: str, title: str, logy: bool, protocol: str = "",
-                       ymax: float | None = None):
+                       ymax: float | None = None, error=None):
     """One line per method (cap: per allocator) of metric(row) against achieved density; the dense
     model as a horizontal dashed line. When the rows hold several evaluation protocols (column
     `protocol` of the summary), each gets its own lines, labelled with it. `ymax` cuts the axis there
-    (points above it are drawn on the edge, hollow). Returns the Figure."""
+    (points above it are drawn on the edge, hollow). `error(row)`: a standard error, drawn as an error
+    bar of one standard error each way (the dense model's as a band). Returns the Figure."""
     models = {r["model"] for r in rows}
     split = _labels_with_several_variants(rows, models)
     protocols = {r.get(protocol, "") for r in rows if metric(r) is not None} if protocol else set()
@@ -192,30 +193,37 @@ def _metric_vs_density(rows: list[dict], metric, ylabel: str, title: str, logy: 
         return f" [{r.get(protocol, '')}]" if len(protocols) > 1 else ""
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    series: dict[str, list[tuple[float, float]]] = {}
-    dense: list[tuple[str, float]] = []
+    series: dict[str, list[tuple[float, float, float | None]]] = {}
+    dense: list[tuple[str, float, float | None]] = []
     for r in rows:
         y = metric(r)
         if y is None:
             continue
+        e = error(r) if error else None
         if r["method"] == "dense":
-            dense.append((Path(str(r["model"])).name + tag(r), y))
+            dense.append((Path(str(r["model"])).name + tag(r), y, e))
             continue
         x = _num(r.get("achieved_density")) or _num(r.get("target_density"))
         if x is not None:
-            series.setdefault(series_label(r, models, split) + tag(r), []).append((x, y))
+            series.setdefault(series_label(r, models, split) + tag(r), []).append((x, y, e))
     colours = plt.get_cmap("tab20").colors  # distinct colours for up to 20 methods / allocators
     for i, label in enumerate(sorted(series)):
-        pts = sorted(series[label])
+        pts = sorted(series[label], key=lambda p: p[:2])
         colour = colours[2 * i % 20 + (2 * i // 20)]
         ys = [p[1] if ymax is None else min(p[1], ymax) for p in pts]
         ax.plot([p[0] for p in pts], ys, marker="o", lw=1.6, label=label, color=colour)
+        bars = [(p[0], y, p[2]) for p, y in zip(pts, ys) if p[2] is not None]
+        if bars:
+            ax.errorbar([b[0] for b in bars], [b[1] for b in bars], yerr=[b[2] for b in bars], fmt="none",
+                        ecolor=colour, elinewidth=1.0, capsize=3)
         cut = [(p[0], ymax) for p in pts if ymax is not None and p[1] > ymax]
         if cut:
             ax.plot(*zip(*cut), ls="none", marker="o", mfc="white", color=colour)
-    for model, y in dense:
+    for model, y, e in dense:
         ax.axhline(y, ls="--", color="black", lw=1.2,
                    label=f"dense ({model})" if len(models) > 1 or len(protocols) > 1 else "dense")
+        if e is not None:
+            ax.axhspan(y - e, y + e, color="black", alpha=0.08, lw=0)
     if logy:
         from matplotlib.ticker import FuncFormatter, NullFormatter
 
@@ -244,7 +252,11 @@ def _metric_vs_density(rows: list[dict], metric, ylabel: str, title: str, logy: 
 
 
 def ppl_vs_density_figure(rows: list[dict], ymax: float | None = None):
-    cols = sorted(c for c in (rows[0] if rows else {}) if c.startswith("ppl_"))
+    """The evaluation text's perplexity (a validation perplexity, ppl_<dataset>_validation, is for choosing
+    settings, not for the figure)."""
+    from .summary import VALIDATION
+
+    cols = sorted(c for c in (rows[0] if rows else {}) if c.startswith("ppl_") and not c.endswith(VALIDATION))
     col = cols[0] if cols else "ppl_"
     dataset = col[len("ppl_"):] or "?"
 
@@ -256,16 +268,23 @@ def ppl_vs_density_figure(rows: list[dict], ymax: float | None = None):
 
 
 def zeroshot_vs_density_figure(rows: list[dict]):
+    """Mean accuracy over the tasks, with its standard error as error bars (summary.mean_accuracy_stderr)."""
+    from .summary import mean_accuracy, mean_accuracy_stderr
+
     cols = sorted({c for r in rows for c in r if c.startswith("acc_")})
 
     def metric(r):
-        accs = [_num(r.get(c)) for c in cols]
-        accs = [a for a in accs if a is not None]
-        return 100.0 * sum(accs) / len(accs) if accs else None
+        acc = mean_accuracy(r, cols)
+        return None if acc is None else 100.0 * acc
+
+    def error(r):
+        se = mean_accuracy_stderr(r, cols)
+        return None if se is None else 100.0 * se
 
     tasks = ", ".join(c[len("acc_"):] for c in cols) or "none"
-    return _metric_vs_density(rows, metric, "mean zero-shot accuracy (%)",
-                              f"Zero-shot accuracy vs density (mean over {tasks})", logy=False, protocol="zeroshot_limit")
+    return _metric_vs_density(rows, metric, "mean zero-shot accuracy (%), bars: \u00b11 standard error",
+                              f"Zero-shot accuracy vs density (mean over {tasks})", logy=False, protocol="zeroshot_limit",
+                              error=error)
 
 
 def plot_ppl_vs_density(summary_csv: str | Path, out: str | Path, ymax: float | None = None) -> None:

@@ -66,7 +66,8 @@ def describe(job: dict, workdir: Path = Path(".")) -> str:
             run += f" {rec['target_density']}"
         parts = [run]
         if isinstance(rec.get("ppl"), (int, float)):
-            parts.append(f"{rec.get('dataset', '')} perplexity {rec['ppl']:.2f}".strip())
+            role = "validation " if rec.get("role") == "validation" else ""
+            parts.append(f"{rec.get('dataset', '')} {role}perplexity {rec['ppl']:.2f}".strip())
         elif isinstance(rec.get("accuracy"), dict) and rec["accuracy"]:
             accs = list(rec["accuracy"].values())
             parts.append(f"zero-shot accuracy {100 * sum(accs) / len(accs):.1f} %")

@@ -16,6 +16,8 @@ from . import cas
 
 ID_COLUMNS = ["model", "model_fp", "method", "allocator", "variant", "rpca_lambda_scale", "target_density", "achieved_density",
               "params_kept", "seed"]
+VALIDATION = "_validation"  # ppl_<dataset>_validation, eval_<dataset>_validation: the validation text's
+STDERR = "stderr_"  # stderr_<task>: lm-eval's standard error of acc_<task>
 STAGES = ["prepare_model", "decompose", "calibrate", "activations", "allocate", "realise", "materialize", "compress", "evaluate_ppl", "evaluate_zeroshot"]
 
 
@@ -64,15 +66,32 @@ def _eval_bench(metrics_file: Path) -> tuple[str, str]:
     return "evaluate_ppl", f"bench/evaluate_ppl/{target}/{stem[len('ppl-'):]}.tsv"
 
 
+def _short_text(identity) -> str:
+    """A text's identity as the summary shows it: a SHA-256 cut to 10 hex digits, a hub split's name whole."""
+    if identity is None:
+        return "none"
+    identity = str(identity)
+    return identity[:10] if len(identity) == 64 and all(c in "0123456789abcdef" for c in identity) else identity
+
+
 def _record_columns(rec: dict) -> dict:
     """The columns one metrics record fills: a perplexity with its protocol (tokens, seqlen and
     text fingerprint: the offline text is the running Python's own docs and differs between
-    Python versions), or zero-shot accuracies with their example limit."""
+    Python versions) and its three texts (calibration, validation, evaluation; glrs.data.fingerprints), a
+    validation perplexity under the same names with the suffix _validation, or zero-shot accuracies with
+    lm-eval's standard errors and their example limit."""
     if rec.get("kind", "ppl") == "ppl":
         ds = column_safe(rec["dataset"])
-        return {f"ppl_{ds}": round(rec["ppl"], 4),
-                f"eval_{ds}": f"{rec.get('tokens')} tokens x{rec.get('seqlen')} text {str(rec.get('text_sha256', ''))[:10]}"}
+        suffix = VALIDATION if rec.get("role") == "validation" else ""
+        cols = {f"ppl_{ds}{suffix}": round(rec["ppl"], 4),
+                f"eval_{ds}{suffix}": f"{rec.get('tokens')} tokens x{rec.get('seqlen')} text {str(rec.get('text_sha256', ''))[:10]}"}
+        if rec.get("texts"):
+            cols[f"texts_{ds}"] = " ".join(f"{role} {_short_text(rec['texts'].get(role))}"
+                                           for role in ("calibration", "validation", "evaluation"))
+        return cols
     cols = {f"acc_{column_safe(task)}": round(acc, 4) for task, acc in rec["accuracy"].items()}
+    stderr = rec.get("stderr") or {t: (rec.get("results") or {}).get(t, {}).get("acc_stderr") for t in rec["accuracy"]}
+    cols |= {f"{STDERR}{column_safe(task)}": round(se, 4) for task, se in stderr.items() if se is not None}
     return cols | {"zeroshot_limit": "all" if rec.get("limit") is None else rec["limit"]}
 
 
@@ -132,7 +151,8 @@ def collect_rows(results: str | Path = "results") -> list[dict]:
 def write_summary(results: str | Path, out: str | Path) -> list[dict]:
     rows = collect_rows(results)
     extra = sorted({k for r in rows for k in r} - set(ID_COLUMNS),
-                   key=lambda c: (not c.startswith("ppl_"), not c.startswith("acc_"), not c.startswith("eval_"), c))
+                   key=lambda c: (not c.startswith("ppl_"), not c.startswith("acc_"), not c.startswith(STDERR),
+                                  not c.startswith("eval_"), c))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=ID_COLUMNS + extra, lineterminator="\n")
     writer.writeheader()
@@ -181,6 +201,16 @@ def mean_accuracy(row: dict, acc_columns: list[str]) -> float | None:
     """Mean zero-shot accuracy (0..1) over the tasks this row has; a missing task is left out, not counted as 0."""
     accs = [a for a in (_float(row.get(c)) for c in acc_columns) if a is not None]
     return sum(accs) / len(accs) if accs else None
+
+
+def mean_accuracy_stderr(row: dict, acc_columns: list[str]) -> float | None:
+    """Standard error of mean_accuracy, the tasks taken as independent: sqrt(sum of se^2) / tasks, over the tasks
+    this row has; None unless every one of them has its standard error (stderr_<task>)."""
+    tasks = [c[len("acc_"):] for c in acc_columns if _float(row.get(c)) is not None]
+    ses = [_float(row.get(STDERR + t)) for t in tasks]
+    if not tasks or any(se is None for se in ses):
+        return None
+    return sum(se * se for se in ses) ** 0.5 / len(tasks)
 
 
 def total_seconds(row: dict) -> float | None:
@@ -245,8 +275,11 @@ def compact_columns(header: list[str], rows: list[dict]) -> list[tuple[str, str,
         cols.append(("seed", "seed", lambda r: r.get("seed", "")))
     cols += [("target_density", "target", lambda r: r.get("target_density", "")),
              ("achieved_density", "achieved", lambda r: r.get("achieved_density", ""))]
-    for c in ppl:
-        cols.append((c, "ppl" if len(ppl) == 1 else f"ppl {c[len('ppl_'):]}", lambda r, c=c: r.get(c, "")))
+    evaluated = [c for c in ppl if not c.endswith(VALIDATION)]
+    for c in ppl:  # validation perplexities (evaluation.validation) as "val", beside the evaluation's "ppl"
+        ds, val = c[len("ppl_"):].removesuffix(VALIDATION), c.endswith(VALIDATION)
+        heading = ("val" if val else "ppl") + ("" if len(evaluated) == 1 else f" {ds}")
+        cols.append((c, heading, lambda r, c=c: r.get(c, "")))
     protocol = [c for c in header if (c.startswith("eval_") or c == "zeroshot_limit") and _varying(rows, c)]
     if protocol:
         def proto(r):
@@ -256,6 +289,8 @@ def compact_columns(header: list[str], rows: list[dict]) -> list[tuple[str, str,
         cols.append(("protocol", "protocol", proto))
     if acc:
         cols.append(("acc_mean", "acc %", lambda r: mean_accuracy(r, acc)))
+        if any(c.startswith(STDERR) for c in header):
+            cols.append(("acc_mean_stderr", "\u00b1", lambda r: mean_accuracy_stderr(r, acc)))
     cols.append(("seconds_total", "time", total_seconds))
     return cols
 
@@ -295,7 +330,7 @@ def compact_table(header: list[str], rows: list[dict], width: int = COMPACT_WIDT
                 v = _fmt_ppl(v)
             elif name.endswith("_density"):
                 v = _fmt_density(v)
-            elif name == "acc_mean":
+            elif name in ("acc_mean", "acc_mean_stderr"):
                 v = "" if v is None else f"{100 * v:.1f}"
             elif name == "seconds_total":
                 v = _fmt_seconds(v)
@@ -310,12 +345,16 @@ def compact_table(header: list[str], rows: list[dict], width: int = COMPACT_WIDT
         keep = max(len(headings[i]), max([0] + [len(row[i]) for row in cells]) - over, 6)
         for row in cells:
             row[i] = _ellipsize(row[i], keep)
-    ppl = [c[len("ppl_"):] for c in header if c.startswith("ppl_")]
+    ppl = [c[len("ppl_"):] for c in header if c.startswith("ppl_") and not c.endswith(VALIDATION)]
     acc = sorted(c[len("acc_"):] for c in header if c.startswith("acc_"))
     legend = [f"{len(rows)} rows. target, achieved: kept share of the compressed layers' parameters. "
-              f"ppl: perplexity{f' on {ppl[0]}' if len(ppl) == 1 else ''}."]
+              f"ppl: perplexity on the evaluation text{f' of {ppl[0]}' if len(ppl) == 1 else ''}."]
+    if any(c.endswith(VALIDATION) for c in header if c.startswith("ppl_")):
+        legend.append("val: perplexity on the validation text, the only one a setting may be chosen on.")
     if acc:
-        legend.append("acc %: mean zero-shot accuracy over " + ", ".join(acc) + ".")
+        legend.append("acc %: mean zero-shot accuracy over " + ", ".join(acc) + (
+            "; \u00b1: its standard error (lm-eval's per task, combined as sqrt(sum se^2) / tasks); differences under "
+            "about 2 standard errors do not separate methods" if any(c.startswith(STDERR) for c in header) else "") + ".")
     legend.append("time: wall time of every stage behind the row. Every column: glrs summary --wide; CSV: --csv.")
     return "\n".join(_render(headings, cells, numeric) + [""] + _wrap(legend, width)) + "\n"
 

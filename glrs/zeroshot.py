@@ -7,7 +7,7 @@ lm-eval's `HFLM` and calls `lm_eval.simple_evaluate` on named tasks:
   hellaswag, winogrande, arc_easy, arc_challenge, openbookqa). Their data live
   on the Hugging Face hub, so they need it to be reachable.
 * OFFLINE_TASKS: tasks shipped with the project, cut deterministically from the
-  held-out *evaluation* half of an offline text (default: CPython's
+  *evaluation* text of an offline source (default: CPython's
   `pydoc_data.topics`, PSF licence; see glrs.data). `build_offline_tasks`
   writes them as lm-eval task YAML over local jsonl; every context and every
   gold answer is a verbatim span of that text (up to whitespace: wrapped lines
@@ -58,7 +58,7 @@ from . import cas
 from .errors import GlrsError
 
 ZEROSHOT_VERSION = 1
-TASKGEN_VERSION = 1
+TASKGEN_VERSION = 2  # 2: an example that recurs (a repeated paragraph) is kept once
 PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 OFFLINE_TASKS = ("glrs_lastword", "glrs_nextsent", "glrs_cloze")
 DEFAULT_N = 300  # examples per offline task (fewer if the text has fewer)
@@ -83,17 +83,12 @@ def _norm(s: str) -> str:
 
 
 def _eval_documents(dataset: str) -> list[tuple[str, str]]:
-    """The evaluation half of an offline dataset as (name, text) in load_text's order."""
+    """The evaluation text of an offline dataset as (name, text) in load_text's order (glrs.data)."""
     from . import data
 
     if dataset in data.ONLINE:
         raise GlrsError(f"offline zero-shot tasks are cut from an offline text; {dataset!r} is a hub dataset (use pydoc, python-docs or file:PATH)")
-    docs = data._offline_documents(dataset)
-    chosen = [(name, docs[name]) for name in sorted(docs) if data._is_eval_doc(name)]
-    # The same documents that load_text(dataset, "evaluation") joins; checked, not assumed.
-    if "\n\n".join(t for _, t in chosen) != data.load_text(dataset, "evaluation").text:
-        raise GlrsError("internal: the evaluation split of glrs.data changed; update glrs.zeroshot")
-    return chosen
+    return data.offline_documents(dataset, "evaluation")
 
 
 def _blocks(doc: str):
@@ -172,8 +167,17 @@ def _rng(*parts: str) -> random.Random:
 
 
 def _select(cands: list[dict], n: int, group_key: str) -> list[dict]:
-    """Up to n candidates, deterministically: order by content hash, at most one per group first."""
+    """Up to n distinct candidates, deterministically: order by content hash, at most one per group first.
+    Distinct: a paragraph that recurs in one document (pydoc's "types" says "This type has a single value."
+    of three types) gives the same example more than once; it is kept once."""
     cands = sorted(cands, key=lambda c: c["_h"])
+    distinct, shown = [], set()
+    for c in cands:
+        example = json.dumps({k: v for k, v in c.items() if not k.startswith("_")}, sort_keys=True)
+        if example not in shown:
+            shown.add(example)
+            distinct.append(c)
+    cands = distinct
     seen: set[str] = set()
     first, rest = [], []
     for c in cands:

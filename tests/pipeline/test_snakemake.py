@@ -132,6 +132,27 @@ def test_changing_density_reuses_every_decomposition(workdir, tiny_llama_dir):
     assert sorted(float(r["target_density"]) for r in rows) == [0.3, 0.5, 1.0]  # the whole tree, old runs included
 
 
+def test_validation_adds_only_its_perplexities(workdir, tiny_llama_dir):
+    """evaluation.validation: one more evaluate_ppl job per model (dense and compressed), nothing else reruns; the
+    rows get the validation perplexity beside the evaluation's, and name their three texts."""
+    from glrs import data
+
+    write_config(workdir, tiny_llama_dir, target_density=[0.3],
+                 evaluation={"datasets": ["pydoc"], "seqlen": 128, "max_tokens": 1024, "validation": True,
+                             "zeroshot": {"tasks": ["glrs_nextsent"], "limit": 5}})
+    jobs = planned_jobs(workdir)
+    assert jobs["evaluate_ppl"] == 2 and not set(jobs) & (HEAVY - {"evaluate_ppl"}) and "evaluate_zeroshot" not in jobs
+    snakemake(workdir)
+    rows = {r["method"] + r["target_density"]: r for r in csv.DictReader((workdir / "results" / "summary.csv").open())}
+    fp = {role: data.load_text("pydoc", role).fingerprint[:10] for role in data.ROLES}
+    for key, cal in (("dense1.0", "none"), ("cap0.3", fp["calibration"])):
+        row = rows[key]
+        assert float(row["ppl_pydoc_validation"]) > 1 and float(row["ppl_pydoc"]) > 1
+        assert row["eval_pydoc_validation"].endswith(fp["validation"]) and row["eval_pydoc"].endswith(fp["evaluation"])
+        assert row["texts_pydoc"] == f"calibration {cal} validation {fp['validation']} evaluation {fp['evaluation']}"
+        assert row["stderr_glrs_nextsent"] != ""
+
+
 def test_rpca_parameter_change_is_new_keys_and_revert_is_free(workdir, tiny_llama_dir):
     before = set((workdir / "results").glob("rpca/*/*/layer_*.safetensors"))
     write_config(workdir, tiny_llama_dir, target_density=[0.3], rpca={"tol": 1e-4})

@@ -1,4 +1,6 @@
-"""Real text, split deterministically into disjoint calibration and evaluation halves."""
+"""Real text, split deterministically into three disjoint texts: calibration, validation, evaluation."""
+import hashlib
+
 import pytest
 import torch
 
@@ -6,30 +8,75 @@ from glrs import data
 from glrs.errors import GlrsError
 
 
-def test_pydoc_split_is_disjoint_and_covers_every_topic():
+def paragraphs(text: data.Text) -> set[str]:
+    return {p.strip() for p in text.text.split("\n\n") if p.strip()}
+
+
+def assert_three_disjoint_texts(spec: str) -> dict[str, data.Text]:
+    texts = {role: data.load_text(spec, role) for role in data.ROLES}
+    for a in data.ROLES:
+        for b in data.ROLES:
+            if a < b:
+                shared = paragraphs(texts[a]) & paragraphs(texts[b])
+                assert not shared, f"{spec}: {a} and {b} share {len(shared)} paragraphs, e.g. {next(iter(shared))[:80]!r}"
+    assert len({t.fingerprint for t in texts.values()}) == 3
+    return texts
+
+
+def test_pydoc_three_texts_are_disjoint_and_cover_every_topic():
     from pydoc_data.topics import topics
 
-    calib, evaluation = data.load_text("pydoc", "calibration"), data.load_text("pydoc", "evaluation")
-    assert len(calib.text) > 100_000 and len(evaluation.text) > 100_000
-    for name, body in topics.items():  # evaluation topics are whole in the evaluation half
-        if data._is_eval_doc(name):
-            assert body in evaluation.text
-    # The topics quote each other; no evaluation paragraph may reach calibration.
-    eval_paragraphs = {p.strip() for p in evaluation.text.split("\n\n")}
-    calib_paragraphs = {p.strip() for p in calib.text.split("\n\n")}
-    assert not eval_paragraphs & calib_paragraphs
-    assert calib.fingerprint != evaluation.fingerprint
+    texts = assert_three_disjoint_texts("pydoc")
+    assert all(len(t.text) > 50_000 for t in texts.values())
+    roles = {name: data.doc_role(name) for name in topics}
+    assert set(roles.values()) == set(data.ROLES)
+    for name, body in topics.items():  # evaluation topics are whole in the evaluation text
+        if roles[name] == "evaluation":
+            assert body in texts["evaluation"].text
+    # The topics quote each other: the raw validation topics do share paragraphs with evaluation, which the
+    # split removes from validation (so the check above is not vacuous).
+    raw_validation = {p.strip() for n, b in topics.items() if roles[n] == "validation" for p in b.split("\n\n")}
+    assert raw_validation & paragraphs(texts["evaluation"])
 
 
-def test_file_spec_and_unknown_spec(tmp_path):
+def test_calibration_text_is_that_of_the_two_text_split():
+    """Splitting the held-out half in two left the calibration text (and so every calibration key) as it was:
+    the old rule, written out here, gives the same text."""
+    from pydoc_data.topics import topics
+
+    held_out = [n for n in sorted(topics) if int(hashlib.sha256(n.encode()).hexdigest()[:8], 16) % 2 == 0]
+    seen = {p.strip() for n in held_out for p in topics[n].split("\n\n")}
+    old = []
+    for n in sorted(topics):
+        if n not in held_out:
+            kept = [p for p in topics[n].split("\n\n") if p.strip() not in seen]
+            if kept:
+                old.append("\n\n".join(kept))
+    assert data.load_text("pydoc", "calibration").text == "\n\n".join(old)
+
+
+def test_file_spec_three_disjoint_texts_and_unknown_spec(tmp_path):
     f = tmp_path / "t.txt"
-    f.write_text("\n\n".join(f"paragraph number {i} of a real text" for i in range(40)))
-    a, b = data.load_text(f"file:{f}", "calibration"), data.load_text(f"file:{f}", "evaluation")
-    assert not set(a.text.split("\n\n")) & set(b.text.split("\n\n"))
+    # 80 paragraphs, some repeated (as documents quote each other): the split must still share none
+    f.write_text("\n\n".join(f"paragraph number {i % 50} of a real text" for i in range(80)))
+    assert_three_disjoint_texts(f"file:{f}")
     with pytest.raises(GlrsError, match="unknown dataset"):
         data.load_text("wikitext103", "evaluation")
     with pytest.raises(GlrsError, match="no such file"):
         data.load_text(f"file:{tmp_path / 'missing.txt'}", "evaluation")
+    with pytest.raises(GlrsError, match="has no documents for"):
+        one = tmp_path / "one.txt"
+        one.write_text("a single paragraph")
+        for role in data.ROLES:  # one paragraph can fill one text only
+            data.load_text(f"file:{one}", role)
+
+
+def test_fingerprints_name_the_three_texts():
+    fp = data.fingerprints("pydoc", "pydoc")
+    assert fp == {role: data.load_text("pydoc", role).fingerprint for role in data.ROLES}
+    assert data.fingerprints("pydoc", "")["calibration"] is None  # the dense model saw no calibration text
+    assert data.fingerprints("wikitext2", "c4") == {"calibration": "c4:calibration", "validation": "wikitext2:validation",
+                                                    "evaluation": "wikitext2:evaluation"}
 
 
 def test_calibration_windows_are_seeded():

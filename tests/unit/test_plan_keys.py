@@ -354,3 +354,26 @@ def test_pruning_realisers_take_24_and_select_does_not(base_config):
     cfg["realise"]["mode"] = ["wanda", "select"]
     with pytest.raises(glrs_plan.GlrsError, match="mode refit, wanda or sparsegpt"):
         glrs_plan.make_plan(cfg)
+
+
+def test_validation_adds_its_own_files_and_changes_no_key(base_config):
+    """evaluation.validation adds one validation perplexity per model and dataset, each in a file of its own
+    (a key of the validation text, never an evaluation key), and leaves every other key and path as it was."""
+    before_plan = glrs_plan.make_plan(copy.deepcopy(base_config))
+    cfg = copy.deepcopy(base_config)
+    cfg["evaluation"]["validation"] = True
+    after_plan = glrs_plan.make_plan(cfg)
+    assert nodes(after_plan) == nodes(before_plan) and before_plan.val_keys == {}
+    ds = cfg["evaluation"]["datasets"][0]
+    assert set(after_plan.val_keys) == set(after_plan.eval_keys)
+    assert after_plan.val_keys[ds] != after_plan.eval_keys[ds]
+    assert after_plan.ppl_role(ds, after_plan.val_keys[ds]) == "validation"
+    assert after_plan.ppl_role(ds, after_plan.eval_keys[ds]) == "evaluation"
+    with pytest.raises(glrs_plan.GlrsError, match="no perplexity"):
+        after_plan.ppl_role(ds, "0" * 12)
+    added = set(after_plan.all_metrics()) - set(before_plan.all_metrics())
+    targets = [after_plan.dense_target] + [r.comp_key for r in after_plan.runs]
+    assert added == {after_plan.metrics_file(t, d, "validation") for t in targets for d in after_plan.val_keys}
+    assert all(after_plan.val_keys[ds] in f for f in added)
+    assert after_plan.calibration_dataset(after_plan.dense_target) == ""
+    assert after_plan.calibration_dataset(targets[1]) == cfg["calibration"]["dataset"]

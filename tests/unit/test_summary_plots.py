@@ -172,3 +172,78 @@ def test_allocation_difference_from_uniform_is_per_layer_and_matrix(tmp_path):
         paths[-1].write_text(json.dumps(i))
     plots.plot_allocation([str(p) for p in paths], tmp_path / "a.png")
     assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _fake_lm_eval_record(acc: dict, stderr: dict) -> dict:
+    """What glrs.zeroshot.run_zeroshot returns, its numbers read from a fake lm-eval result dict (lm-eval's own
+    keys, 'acc,none' and 'acc_stderr,none', through zeroshot._metric)."""
+    from glrs import zeroshot
+
+    lm_eval_results = {t: {"alias": t, "acc,none": acc[t], "acc_stderr,none": stderr[t]} for t in acc}
+    results = {t: {m: zeroshot._metric(r, m) for m in ("acc", "acc_stderr")} | {"examples": 20} for t, r in
+               lm_eval_results.items()}
+    return {"tasks": list(acc), "offline_tasks": {"dataset": "pydoc", "n": 300, "fingerprint": "f" * 64},
+            "limit": 20, "seed": 0, "results": results, "acc": {t: r["acc"] for t, r in results.items()}}
+
+
+def test_zeroshot_standard_errors_reach_record_summary_table_and_plot(tmp_path, capsys):
+    """lm-eval's standard error of each task is in the zero-shot record (stderr), in summary.csv (stderr_<task>),
+    in the compact table (the mean's standard error, column ±) and in the plot (error bars)."""
+    from glrs import cli, data
+
+    run = {"method": "cap", "allocator": "uniform", "model": "tiny", "model_fp": "ab", "model_key": "mk",
+           "comp_key": "ck", "seed": 0, "target_density": 0.5, "achieved_density": 0.5, "params_kept": 10}
+    info = tmp_path / "info.json"
+    info.write_text(json.dumps(run))
+    acc, se = {"glrs_cloze": 0.5, "glrs_nextsent": 0.7}, {"glrs_cloze": 0.03, "glrs_nextsent": 0.04}
+    out = tmp_path / "metrics" / "ck" / "zeroshot-z.json"
+    out.parent.mkdir(parents=True)
+    rec = cli.write_zeroshot_record(_fake_lm_eval_record(acc, se), str(info), "unused", list(acc), str(out), "pydoc")
+    written = json.loads(out.read_text())
+    assert written == rec and written["stderr"] == se and written["accuracy"] == acc
+    assert written["texts"] == data.fingerprints("pydoc", "pydoc")  # the tasks are cut from pydoc's evaluation text
+    rows = summary.write_summary(tmp_path, tmp_path / "summary.csv")
+    assert rows[0]["stderr_glrs_cloze"] == 0.03 and rows[0]["stderr_glrs_nextsent"] == 0.04
+    header, csv_rows = summary.read_summary(tmp_path / "summary.csv")
+    assert header.index("acc_glrs_nextsent") < header.index("stderr_glrs_cloze") < header.index("zeroshot_limit")
+    mean_se = summary.mean_accuracy_stderr(csv_rows[0], ["acc_glrs_cloze", "acc_glrs_nextsent"])
+    assert mean_se == pytest.approx((0.03 ** 2 + 0.04 ** 2) ** 0.5 / 2)  # 0.025
+    summary.print_summary(tmp_path / "summary.csv")
+    table = capsys.readouterr().out
+    head, first = table.splitlines()[:2]
+    assert head.split()[-3:] == ["acc", "%", "\u00b1"] and first.split()[-2:] == ["60.0", "2.5"]
+    assert "differences under about 2 standard errors do not separate methods" in " ".join(table.split())
+    fig = plots.zeroshot_vs_density_figure(plots._read_summary(tmp_path / "summary.csv"))
+    bars = [c for c in fig.axes[0].containers if type(c).__name__ == "ErrorbarContainer"]
+    assert len(bars) == 1
+    (segment,) = bars[0].lines[2][0].get_segments()
+    assert [y for _, y in segment] == pytest.approx([60.0 - 2.5, 60.0 + 2.5])
+
+
+def test_validation_perplexity_is_its_own_column_and_the_texts_are_in_the_row(tmp_path):
+    """A validation record (role validation) fills ppl_<dataset>_validation and eval_<dataset>_validation on
+    the row of its model, beside the evaluation record's columns; the row names the three texts; the
+    perplexity figure draws the evaluation perplexity only."""
+    run = {"method": "cap", "allocator": "uniform", "model": "tiny", "model_fp": "ab", "model_key": "mk",
+           "comp_key": "ck", "seed": 0, "target_density": 0.5, "achieved_density": 0.5, "params_kept": 10}
+    texts = {"calibration": "c" * 64, "validation": "a" * 64, "evaluation": "e" * 64}
+    metrics = tmp_path / "metrics" / "ck"
+    metrics.mkdir(parents=True)
+    for role, key, ppl in (("evaluation", "k1", 20.0), ("validation", "k2", 30.0)):
+        rec = run | {"dataset": "pydoc", "role": role, "ppl": ppl, "tokens": 1024, "seqlen": 128,
+                     "text_sha256": texts[role], "texts": texts}
+        (metrics / f"ppl-pydoc-{key}.json").write_text(json.dumps(rec))
+        _bench(tmp_path / "bench" / "evaluate_ppl" / "ck" / f"pydoc-{key}.tsv", 2.0)
+    rows = summary.write_summary(tmp_path, tmp_path / "summary.csv")
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["ppl_pydoc"] == 20.0 and row["ppl_pydoc_validation"] == 30.0
+    assert row["eval_pydoc"].endswith("text eeeeeeeeee") and row["eval_pydoc_validation"].endswith("text aaaaaaaaaa")
+    assert row["texts_pydoc"] == "calibration cccccccccc validation aaaaaaaaaa evaluation eeeeeeeeee"
+    assert row["seconds_evaluate_ppl"] == 4.0
+    fig = plots.ppl_vs_density_figure(plots._read_summary(tmp_path / "summary.csv"))
+    (line,) = fig.axes[0].get_lines()
+    assert list(line.get_ydata()) == [20.0]
+    header, csv_rows = summary.read_summary(tmp_path / "summary.csv")
+    headings = [h for _, h, _ in summary.compact_columns(header, csv_rows)]
+    assert "ppl" in headings and "val" in headings

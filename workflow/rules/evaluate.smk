@@ -1,4 +1,12 @@
 # Perplexity of the dense model and of every compressed model, then one summary table of the whole results tree.
+# A perplexity key names its text: the evaluation text (always), or with evaluation.validation the validation
+# text (its own file; glrs/data.py, docs/design.md section 8), where settings are chosen.
+
+
+def calibration_arg(target):
+    """--calibration-dataset of a compressed model (its record names that calibration text); none for the dense model."""
+    dataset = PLAN.calibration_dataset(target)
+    return f"--calibration-dataset {shlex.quote(dataset)}" if dataset else ""
 
 
 rule evaluate_ppl:
@@ -12,6 +20,8 @@ rule evaluate_ppl:
         model=lambda wc, input: input.model,  # a compressed model is evaluated as it loads (glrs.load)
         info=lambda wc, input: "" if wc.target == PLAN.dense_target else f"--info {input.model}/info.json",
         dataset=lambda wc: PLAN.dataset_by_safe_name(wc.dataset),
+        role=lambda wc: PLAN.ppl_role(PLAN.dataset_by_safe_name(wc.dataset), wc.eval_key),
+        calibration=lambda wc: calibration_arg(wc.target),
         seqlen=config["evaluation"]["seqlen"],
         max_tokens=lambda wc: f"--max-tokens {config['evaluation']['max_tokens']}" if config["evaluation"].get("max_tokens") else "",
         dtype=config["dtype"],
@@ -23,7 +33,8 @@ rule evaluate_ppl:
     benchmark:
         f"{RESULTS}/bench/evaluate_ppl/{{target}}/{{dataset}}-{{eval_key}}.tsv"
     shell:
-        "python -m glrs evaluate-ppl --model {params.model} {params.info} --dataset {params.dataset:q} --seqlen {params.seqlen} "
+        "python -m glrs evaluate-ppl --model {params.model} {params.info} --dataset {params.dataset:q} --role {params.role} "
+        "{params.calibration} --seqlen {params.seqlen} "
         "{params.max_tokens} --dtype {params.dtype} --device {params.device} --out {output} > {log} 2>&1"
 
 
@@ -40,6 +51,7 @@ rule evaluate_zeroshot:
         model=lambda wc, input: input.model,  # a compressed model is evaluated as it loads (glrs.load)
         info=lambda wc, input: "" if wc.target == PLAN.dense_target else f"--info {input.model}/info.json",
         tasks=" ".join(PLAN.zeroshot_tasks),
+        calibration=lambda wc: calibration_arg(wc.target),
         limit=lambda wc: f"--limit {config['evaluation']['zeroshot']['limit']}" if config["evaluation"].get("zeroshot", {}).get("limit") else "",
         dtype=config["dtype"],
         device=config["device"],
@@ -52,6 +64,7 @@ rule evaluate_zeroshot:
         f"{RESULTS}/bench/evaluate_zeroshot/{{target}}/{{zs_key}}.tsv"
     shell:
         "python -m glrs evaluate-zeroshot --model {params.model} {params.info} --tasks {params.tasks} {params.limit} "
+        "{params.calibration} "
         "--dtype {params.dtype} --device {params.device} --seed {params.seed} --out {output} > {log} 2>&1"
 
 
