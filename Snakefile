@@ -40,7 +40,7 @@ include: "workflow/rules/decompose.smk"
 include: "workflow/rules/allocate.smk"
 include: "workflow/rules/baselines.smk"
 include: "workflow/rules/realise.smk"
-include: "workflow/rules/materialize.smk"
+include: "workflow/rules/materialise.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/plots.smk"
 

@@ -172,7 +172,7 @@ def rpca_threshold(pools: list[MatrixPool], density: float, rank_fraction: float
     )
 
 
-def summarize(pools: list[MatrixPool], alloc: Allocation, density: float) -> dict:
+def summarise(pools: list[MatrixPool], alloc: Allocation, density: float) -> dict:
     dense = sum(p.dense for p in pools)
     kept = alloc.params_kept(pools)
     per_matrix = {

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json-out", required=True)
     s.add_argument("--masks-out", help="also write the per-candidate keep-masks (realise.mode select reads them)")
 
-    s = sub.add_parser("materialize", help="write the compressed model (compact format) from the kept Stage-1 candidates")
+    s = sub.add_parser("materialise", help="write the compressed model (compact format) from the kept Stage-1 candidates")
     s.add_argument("--model-dir", required=True)
     _add_stage1(s)
     s.add_argument("--masks", help="the allocation's keep-masks (needed where it did not keep prefixes)")
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True)
 
-    s = sub.add_parser("materialize-realised", help="write the compressed model from the per-layer realisation files")
+    s = sub.add_parser("materialise-realised", help="write the compressed model from the per-layer realisation files")
     s.add_argument("--model-dir", required=True)
     s.add_argument("--realised", nargs="+", required=True)
     s.add_argument("--alloc-json", required=True)
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
 
-    s = sub.add_parser("summarize", help="gather every metrics file under the results tree into summary.csv")
+    s = sub.add_parser("summarise", help="gather every metrics file under the results tree into summary.csv")
     s.add_argument("--results", default="results")
     s.add_argument("--out", required=True)
 
@@ -215,10 +215,10 @@ def run(args: argparse.Namespace) -> None:
         info = pipeline.run_allocator(_stage1(args), args.allocator, args.density, args.params, args.seed, args.model_dir,
                                       args.calib, args.json_out, args.masks_out, args.device, args.stats)
         print(f"{args.allocator}: target density {info['target_density']}, achieved {info['achieved_density']:.5f}")
-    elif c == "materialize":
+    elif c == "materialise":
         if args.masks:
             pipeline.check_readable(args.masks, "allocation masks", "delete it and its .json and rerun its allocate job")
-        pipeline.materialize(args.model_dir, _stage1(args), args.masks, args.alloc_json, args.run_info, args.out, args.export)
+        pipeline.materialise(args.model_dir, _stage1(args), args.masks, args.alloc_json, args.run_info, args.out, args.export)
     elif c == "activations":
         pipeline.collect_activations(args.model_dir, args.calib, args.layers, args.out_dir, args.device)
     elif c == "realise":
@@ -230,8 +230,8 @@ def run(args: argparse.Namespace) -> None:
         for short, m in meta["matrices"].items():
             print(f"layer {args.layer} {short}: rank {m['rank']}, nnz {m['nnz']}, output error "
                   f"{m['error_before_refit']:.4g} -> {m['error']:.4g} {after}")
-    elif c == "materialize-realised":
-        pipeline.materialize_realised(args.model_dir, args.realised, args.alloc_json, args.run_info, args.out, args.export)
+    elif c == "materialise-realised":
+        pipeline.materialise_realised(args.model_dir, args.realised, args.alloc_json, args.run_info, args.out, args.export)
     elif c == "compress":
         info = pipeline.compress_baseline(args.model_dir, args.calib, args.method, args.density, args.params, args.seed,
                                           args.run_info, args.out, args.device, args.export)
@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> None:
         for task, acc in rec["accuracy"].items():
             se = rec["stderr"].get(task)
             print(f"acc[{task}] = {acc:.4f}" + ("" if se is None else f" +- {se:.4f}"))
-    elif c == "summarize":
+    elif c == "summarise":
         from .summary import write_summary
 
         write_summary(args.results, args.out)

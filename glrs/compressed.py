@@ -39,7 +39,7 @@ from torch import nn
 from . import cas, modelio
 from .errors import GlrsError
 
-MATERIALIZE_VERSION = 2  # 2: the compact format (glrs_format.json, per-layer files); 1: factored + dense export
+MATERIALISE_VERSION = 2  # 2: the compact format (glrs_format.json, per-layer files); 1: factored + dense export
 FORMAT = "glrs-lowrank-sparse"
 FORMAT_VERSION = 1  # bump when the layout changes; `load` reads every version up to its own
 FORMAT_FILE = "glrs_format.json"
@@ -258,7 +258,7 @@ def read_format(path: str | Path) -> dict:
     if not file.is_file():
         old = (Path(path) / "factored.safetensors").is_file()
         raise GlrsError(f"{path} is not a glrs compressed model (no {FORMAT_FILE})"
-                        + ("; it was written by glrs before the compact format: rerun its materialize job" if old else ""))
+                        + ("; it was written by glrs before the compact format: rerun its materialise job" if old else ""))
     header = json.loads(file.read_text())
     if header.get("format") != FORMAT:
         raise GlrsError(f"{file}: format {header.get('format')!r}, expected {FORMAT!r}")
@@ -272,7 +272,7 @@ def check_dir(path: Path) -> None:
     header = read_format(path)
     for f in {REST_FILE, *(t["file"] for t in header["targets"].values())}:
         if not (Path(path) / f).is_file():
-            raise GlrsError(f"{path} is not a complete compressed model: {f} is missing; rerun glrs materialize")
+            raise GlrsError(f"{path} is not a complete compressed model: {f} is missing; rerun glrs materialise")
 
 
 def is_compressed(path: str | Path) -> bool:
@@ -439,7 +439,7 @@ def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None 
     left = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     if left:
         raise GlrsError(f"{path}: no weights for {left[:3]} ({len(left)} in all); the directory is incomplete — "
-                        "rerun its materialize job")
+                        "rerun its materialise job")
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     model = model.to(device).eval()

@@ -140,7 +140,7 @@ def run_allocator(stage1_in: Stage1 | list[str], allocator: str, density: float,
                                                    load_calibration(calib_file), allocator, dev, stats_files)
     else:
         raise GlrsError(f"unknown allocator {allocator!r}; use one of {', '.join(allocate.ALLOCATORS)}")
-    info = allocate.summarize(pools, alloc, density)
+    info = allocate.summarise(pools, alloc, density)
     info |= {"allocator": allocator, "allocator_params": params, "seed": seed}
     if stage2:
         info["stage2"] = {k: stage2[k] for k in ("policy", "steps", "skipped_steps", "surrogate_loss_uniform",
@@ -165,7 +165,7 @@ def kept_factors(layer_tensors: dict[str, torch.Tensor], short: str, rank_keep: 
     }
 
 
-def materialize(model_dir: str, stage1_in: Stage1 | list[str], masks_file: str | None, alloc_json: str,
+def materialise(model_dir: str, stage1_in: Stage1 | list[str], masks_file: str | None, alloc_json: str,
                 run_info: dict, out: str, export: str = "none") -> dict:
     """The compressed model (glrs.compressed) of the kept Stage-1 candidates (from a glrs.stage1.Stage1,
     or a list of decompose files): the paper's realise.mode select. The keep-masks file is needed only
@@ -194,7 +194,7 @@ def materialize(model_dir: str, stage1_in: Stage1 | list[str], masks_file: str |
     return _write_compressed(out, model_dir, _by_layer(factors, shapes), info, export=export)
 
 
-def materialize_realised(model_dir: str, realised_files: list[str], alloc_json: str, run_info: dict, out: str,
+def materialise_realised(model_dir: str, realised_files: list[str], alloc_json: str, run_info: dict, out: str,
                          export: str = "none") -> dict:
     """The compressed model from the per-layer realisation jobs (glrs.realise), streamed one layer file at
     a time into the compact format: only one layer's factors are held."""

@@ -86,7 +86,7 @@ class Plan:
         return [] if self.splits_weights else [self.rpca_file(i) for i in self.layers]
 
     def stage1_args(self, layers: list[int] | None = None) -> str:
-        """The CLI arguments that name Stage 1 for a job that reads it (allocate, materialize, plot-spectra):
+        """The CLI arguments that name Stage 1 for a job that reads it (allocate, materialise, plot-spectra):
         its files, or under rpca.method none the layers to split (the job also gets --model-dir)."""
         layers = self.layers if layers is None else layers
         if self.splits_weights:
@@ -123,7 +123,7 @@ class Plan:
         return f"{RESULTS}/alloc/{run.alloc_key}.json"
 
     def alloc_masks(self, run: Run) -> dict:
-        """The keep-masks a materialize job reads ({} when the allocation kept prefixes)."""
+        """The keep-masks a materialise job reads ({} when the allocation kept prefixes)."""
         masked = run.alloc_key in self.masked_alloc_keys
         return {"masks": f"{RESULTS}/alloc/{run.alloc_key}.safetensors"} if masked else {}
 
@@ -296,7 +296,7 @@ def _baseline_runs(config: dict, method: str, model_key: str, calib_key: str, la
     # Unknown settings stop the plan here; defaults are hashed too, so a changed default is a new key.
     params = methods.effective_params(method, config.get("method_params", {}).get(method, {}))
     version = {"pipeline": str(BASELINE_VERSION), "method": str(methods.method_version(method)),
-               "format": str(compressed.MATERIALIZE_VERSION)}
+               "format": str(compressed.MATERIALISE_VERSION)}
     out = []
     densities = _feasible(list(config["target_density"]), lambda d: methods.density_infeasible(method, params, d),
                           method, [] if excluded is None else excluded)
@@ -361,7 +361,7 @@ def make_plan(config: dict) -> Plan:
                         realise_key = cas.key_of("realise", realise.REALISE_VERSION,
                                                  {"model": model_key, "alloc": alloc_key, "stats": stats_key}, rp)
                         comp_inputs |= {"realise": realise_key}
-                    comp_key = cas.key_of("materialize", compressed.MATERIALIZE_VERSION, comp_inputs,
+                    comp_key = cas.key_of("materialise", compressed.MATERIALISE_VERSION, comp_inputs,
                                           {"export": config.get("export", "none")})
                     runs.append(Run(method, allocator, density, alloc_key, comp_key, params, realise_key, mode))
 

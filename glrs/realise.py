@@ -55,7 +55,7 @@ Wanda or SparseGPT:
   exactly m*n/2 and the rest of its budget goes unspent (recorded as `leftover`; at target density 0.5 there
   is none). Only `mode` (and `damp` for sparsegpt, and `sparsity` when not unstructured) enter their resolved
   settings, so the refit's settings do not change their keys. The files have the refit's layout (U, sigma, V
-  empty; S_index, S_values), so materialize_realised and everything downstream is the same.
+  empty; S_index, S_values), so materialise_realised and everything downstream is the same.
   [departure] Each per-layer job prunes with the dense model's statistics (glrs.stats: every layer's inputs
   from the unpruned model, all layers in parallel), not with the inputs of the already-pruned earlier
   layers as the reference code (locuslab/wanda, IST-DASLab/sparsegpt) and glrs's baselines

@@ -18,7 +18,7 @@ ID_COLUMNS = ["model", "model_fp", "method", "allocator", "variant", "rpca_lambd
               "params_kept", "seed"]
 VALIDATION = "_validation"  # ppl_<dataset>_validation, eval_<dataset>_validation: the validation text's
 STDERR = "stderr_"  # stderr_<task>: lm-eval's standard error of acc_<task>
-STAGES = ["prepare_model", "decompose", "calibrate", "activations", "allocate", "realise", "materialize", "compress", "evaluate_ppl", "evaluate_zeroshot"]
+STAGES = ["prepare_model", "decompose", "calibrate", "activations", "allocate", "realise", "materialise", "compress", "evaluate_ppl", "evaluate_zeroshot"]
 
 
 def column_safe(name: str) -> str:
@@ -51,7 +51,7 @@ def _stage_patterns(rec: dict) -> dict[str, str]:
             pats["realise"] = f"bench/realise/{rec['realise_key']}/layer_*.tsv"
         if rec.get("alloc_key"):
             pats["allocate"] = f"bench/allocate/{rec['alloc_key']}.tsv"
-            pats["materialize"] = f"bench/materialize/{target}.tsv"
+            pats["materialise"] = f"bench/materialise/{target}.tsv"
         else:
             pats["compress"] = f"bench/compress/{target}.tsv"
     return {k: v for k, v in pats.items() if v}

@@ -281,7 +281,7 @@ def _check_compressed(results: Path, path: Path, out: Path) -> dict:
         if missing:
             return _skipped(f"its inputs are gone: {missing[:3]}")
         with conditions.pinned_threads(_threads(recorded)):
-            pipeline.materialize_realised(str(model_dir), [str(p) for p in realised], str(alloc_json), info, str(out))
+            pipeline.materialise_realised(str(model_dir), [str(p) for p in realised], str(alloc_json), info, str(out))
     elif info["method"] == "cap":
         stage1, rpca_files = _stage1(results, info)
         alloc_json, masks = results / "alloc" / f"{info['alloc_key']}.json", results / "alloc" / f"{info['alloc_key']}.safetensors"
@@ -289,7 +289,7 @@ def _check_compressed(results: Path, path: Path, out: Path) -> dict:
         if missing:
             return _skipped(f"its inputs are gone: {missing[:3]}")
         with conditions.pinned_threads(_threads(recorded)):
-            pipeline.materialize(str(model_dir), stage1, str(masks) if masks.exists() else None, str(alloc_json), info, str(out))
+            pipeline.materialise(str(model_dir), stage1, str(masks) if masks.exists() else None, str(alloc_json), info, str(out))
     else:
         calib = results / "calib" / info["model_key"] / f"{info['calib_key']}.safetensors"
         missing = [str(p) for p in (model_dir, calib) if not p.exists()]

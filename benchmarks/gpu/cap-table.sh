@@ -28,7 +28,7 @@ start=$(date +%s)
 export GLRS_GPU_LOCKS=0 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 mkdir -p "$out"
 # summary.csv is the default target's input: present (from an earlier call's summaries) and newer than the
-# metrics, it makes snakemake with --omit-from summarize plan 0 jobs. Summaries are remade at the end.
+# metrics, it makes snakemake with --omit-from summarise plan 0 jobs. Summaries are remade at the end.
 rm -f results/summary.csv
 sm() {  # sm NAME SNAKEMAKE-OPTIONS... -- OVERLAYS...   (device=auto unless DEVICE is set)
     local name=$1; shift
@@ -42,7 +42,7 @@ sm() {  # sm NAME SNAKEMAKE-OPTIONS... -- OVERLAYS...   (device=auto unless DEVI
         --config model="$model" device="${DEVICE:-auto}" >>"$out/$name.log" 2>&1
     echo "$name: exit $? at $(( $(date +%s) - start )) s" | tee -a "$out/status.log"
 }
-o=(--omit-from summarize)
+o=(--omit-from summarise)
 TARGETS="activations calibrate" sm prep --cores 16 -- "$cap" "$zs"
 [[ -f $out/cap_step.json || ${CAP_STEP:-1} == 0 ]] || {   # seconds per Stage-2 step on this GPU (issue 11's benchmark), once
     timeout 180 python3 benchmarks/cap_step.py --model-dir results/model/* --stats-dir results/stats/*/* \
@@ -60,7 +60,7 @@ done
 wait
 left=$(( budget - ($(date +%s) - start) ))
 echo "summaries at $(( $(date +%s) - start )) s" | tee -a "$out/status.log"
-python3 -m glrs summarize --results results --out results/summary.csv
+python3 -m glrs summarise --results results --out results/summary.csv
 python3 -m glrs summary results/summary.csv --wide --csv > "$out/summary.csv"
 python3 -m glrs summary results/summary.csv | tee "$out/summary.txt"
 tar czf "$out/results.tgz" results/summary.csv results/metrics results/alloc/*.json results/bench results/logs \

@@ -26,6 +26,6 @@ for stage in $stages; do
         --configfile "${files[@]}" --config model="$model" device=auto >>"$out/snakemake.log" 2>&1
     echo "$stage: exit $?" | tee -a "$out/snakemake.log"
 done
-python3 -m glrs summarize --results results --out results/summary.csv
+python3 -m glrs summarise --results results --out results/summary.csv
 python3 -m glrs summary results/summary.csv
 tar czf "$out/results.tgz" results/summary.csv results/metrics results/alloc/*.json results/plots results/bench results/logs 2>/dev/null

@@ -33,10 +33,10 @@ LLAMA_70B = {"layers": 80, "hidden": 8192, "intermediate": 28672, "vocab": 12825
              "tied_embeddings": False}
 PEAK = re.compile(r"peak GPU memory (\d+) bytes")
 OUTPUT_DIR = {"prepare_model": "model", "calibrate": "calib", "activations": "stats", "allocate": "alloc",
-              "decompose": "rpca", "realise": "realise", "materialize": "compressed", "materialize_realised": "compressed",
+              "decompose": "rpca", "realise": "realise", "materialise": "compressed", "materialise_realised": "compressed",
               "evaluate_ppl": "metrics", "evaluate_zeroshot": "metrics"}
-SCALES_WITH = {"prepare_model": "params", "allocate": "params", "materialize": "params",
-               "materialize_realised": "params", "evaluate_ppl": "params", "compress": "params",
+SCALES_WITH = {"prepare_model": "params", "allocate": "params", "materialise": "params",
+               "materialise_realised": "params", "evaluate_ppl": "params", "compress": "params",
                "activations": "layer_n2", "realise": "layer_mn2", "decompose": "layer_mn2"}
 GPU_BYTES = 80 * 10**9
 

@@ -13,7 +13,7 @@ per rule:
                linear in it: 1 from the 8B run itself; else the parameter ratio (8B / measured) for the
                rules that hold the whole model (WHOLE_MODEL), the per-layer parameter ratio for those that
                hold one layer at a time (PER_LAYER: decompose, realise, plot_spectra), 1 for the rest
-               (tokens, tables and figures: calibrate, summarize, plots, versions)
+               (tokens, tables and figures: calibrate, summarise, plots, versions)
     mem_mb     1.5 x (base + (peak RSS - base) x ratio x bytes), rounded up to a whole GB, at least 4 GB;
                bytes = the 8B run's bytes a weight (float16, config/scale-8b.yaml) / the measured run's;
                base = the smallest peak RSS of any job of the run (a job that does little beyond
@@ -48,11 +48,11 @@ LLAMA_8B = {"layers": 32, "hidden": 4096, "intermediate": 14336, "vocab": 128256
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Rules a run may not execute (the default has no Stage 1 and no dense export) -> the measured rule whose
 # job has the same shape: one layer's factorisation, a whole-model write, a whole-model evaluation, ...
-STAND_IN = {"decompose": "realise", "materialize": "materialize_realised", "evaluate_zeroshot": "evaluate_ppl",
+STAND_IN = {"decompose": "realise", "materialise": "materialise_realised", "evaluate_zeroshot": "evaluate_ppl",
             "compress": "allocate", "allocate_with_masks": "allocate", "plot_zeroshot": "plot_ppl",
-            # the workflow writes materialize_realised's benchmark under bench/materialize/
-            "materialize_realised": "materialize"}
-WHOLE_MODEL = {"prepare_model", "activations", "allocate", "compress", "materialize", "materialize_realised",
+            # the workflow writes materialise_realised's benchmark under bench/materialise/
+            "materialise_realised": "materialise"}
+WHOLE_MODEL = {"prepare_model", "activations", "allocate", "compress", "materialise", "materialise_realised",
                "evaluate_ppl", "evaluate_zeroshot"}
 PER_LAYER = {"decompose", "realise", "plot_spectra"}
 LIGHT = {"mem_mb": 4000, "runtime": 30}

@@ -135,7 +135,7 @@ def test_report_renders_in_a_browser(report):
     for category in ("Figures", "Results", "Provenance"):
         assert category in text
     assert re.search(r'<canvas[^>]*class="marks"', rendered) and "Save as PNG" in text
-    for rule in ("evaluate_zeroshot", "evaluate_ppl", "summarize", "plot_ppl", "plot_zeroshot", "plot_stage_times"):
+    for rule in ("evaluate_zeroshot", "evaluate_ppl", "summarise", "plot_ppl", "plot_zeroshot", "plot_stage_times"):
         assert f'"{rule}"' in dom, rule
 
     files = embedded(dom)

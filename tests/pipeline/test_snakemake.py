@@ -16,8 +16,8 @@ from conftest import REPO
 
 pytestmark = pytest.mark.pipeline
 
-HEAVY = {"prepare_model", "decompose", "calibrate", "activations", "allocate", "realise", "materialize",
-         "materialize_realised", "evaluate_ppl"}
+HEAVY = {"prepare_model", "decompose", "calibrate", "activations", "allocate", "realise", "materialise",
+         "materialise_realised", "evaluate_ppl"}
 
 
 # The repository's default config, read once: every write_config of this module starts from the same
@@ -73,10 +73,10 @@ def workdir(tmp_path_factory, tiny_llama_dir):
 def test_dry_run_has_one_decompose_job_per_layer(workdir):
     jobs = planned_jobs(workdir)
     assert jobs["decompose"] == 3
-    assert jobs["prepare_model"] == jobs["allocate"] == jobs["materialize_realised"] == jobs["activations"] == 1
+    assert jobs["prepare_model"] == jobs["allocate"] == jobs["materialise_realised"] == jobs["activations"] == 1
     assert jobs["realise"] == 3  # CAP's realisation: one job per layer
     assert jobs["evaluate_ppl"] == 2  # dense and compressed
-    assert {"summarize", "plot_allocation", "plot_spectra"} <= set(jobs)
+    assert {"summarise", "plot_allocation", "plot_spectra"} <= set(jobs)
 
 
 def test_run_leaves_every_output(workdir):
@@ -125,7 +125,7 @@ def test_changing_density_reuses_every_decomposition(workdir, tiny_llama_dir):
     write_config(workdir, tiny_llama_dir, target_density=[0.3])
     jobs = planned_jobs(workdir)
     assert "decompose" not in jobs and "prepare_model" not in jobs and "activations" not in jobs
-    assert jobs["allocate"] == jobs["materialize_realised"] == jobs["evaluate_ppl"] == 1
+    assert jobs["allocate"] == jobs["materialise_realised"] == jobs["evaluate_ppl"] == 1
     assert jobs["realise"] == 3
     snakemake(workdir)
     rows = list(csv.DictReader((workdir / "results" / "summary.csv").open()))
@@ -180,13 +180,13 @@ def test_rpca_method_none_plans_no_stage1_and_switching_back_is_free(workdir, ti
     write_config(workdir, tiny_llama_dir, target_density=[0.3], rpca={"method": "none"})
     jobs = planned_jobs(workdir)
     assert "decompose" not in jobs and "activations" not in jobs and "prepare_model" not in jobs
-    assert jobs["allocate"] == jobs["materialize_realised"] == 1 and "plot_spectra" in jobs
+    assert jobs["allocate"] == jobs["materialise_realised"] == 1 and "plot_spectra" in jobs
     snakemake(workdir)
     assert not set(planned_jobs(workdir)) & HEAVY
     write_config(workdir, tiny_llama_dir, target_density=[0.3], rpca={"method": "none"}, realise={"mode": "select"})
     jobs = planned_jobs(workdir)
     # the same allocation (its key does not depend on realise.mode), its kept candidates materialised
-    assert "decompose" not in jobs and "allocate" not in jobs and jobs["materialize"] == 1
+    assert "decompose" not in jobs and "allocate" not in jobs and jobs["materialise"] == 1
     snakemake(workdir)
     assert stage1_traces() == before  # nothing written under results/rpca/, no decompose job ran
     infos = [json.loads(i.read_text()) for i in res.glob("compressed/*/info.json")]

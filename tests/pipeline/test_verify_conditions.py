@@ -24,8 +24,8 @@ from conftest import REPO
 pytestmark = pytest.mark.pipeline
 
 JOB_THREADS = 2
-RULES = ("prepare_model", "decompose", "calibrate", "activations", "allocate", "realise", "materialize_realised",
-         "materialize", "compress")
+RULES = ("prepare_model", "decompose", "calibrate", "activations", "allocate", "realise", "materialise_realised",
+         "materialise", "compress")
 
 
 def _config(workdir: Path, model: Path) -> None:
@@ -67,7 +67,7 @@ def results(tmp_path_factory, tiny_llama_dir) -> Path:
     _config(wd, tiny_llama_dir)
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(wd),
            "--configfile", str(wd / "config.yaml"), "--cores", str(JOB_THREADS),
-           "--set-threads", *(f"{r}={JOB_THREADS}" for r in RULES), "--until", "materialize", "materialize_realised", "compress"]
+           "--set-threads", *(f"{r}={JOB_THREADS}" for r in RULES), "--until", "materialise", "materialise_realised", "compress"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return wd / "results"

@@ -77,7 +77,7 @@ def test_wanda_at_half_density_stays_within_its_measured_factor_of_dense(smoke_r
 def cap_default_ratio(model_dir, work) -> tuple[float, float, dict]:
     """CAP's default path on CAP_LAYERS of the embedded model, through its real stage functions: activation
     statistics, the budget policy (glrs/cap/budget.py) over those layers' matrices at density 0.5 for
-    CAP_STEPS steps, realise of each layer with the default settings, materialize_realised; then the
+    CAP_STEPS steps, realise of each layer with the default settings, materialise_realised; then the
     perplexity of the dense export and of the dense model on the smoke text. (dense, cap, allocation info)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -99,7 +99,7 @@ def cap_default_ratio(model_dir, work) -> tuple[float, float, dict]:
     for layer, stats_file in zip(CAP_LAYERS, stats_files):
         files.append(str(work / f"realised_{layer}.safetensors"))
         realise.realise_layer(str(model_dir), stats_file, str(work / "a.json"), layer, {}, files[-1])
-    pipeline.materialize_realised(str(model_dir), files, str(work / "a.json"), {"method": "cap"}, str(work / "c"))
+    pipeline.materialise_realised(str(model_dir), files, str(work / "a.json"), {"method": "cap"}, str(work / "c"))
     ppl = {}
     for what, path in (("dense", model_dir), ("cap", work / "c")):
         model = pipeline.load_model(str(path), "float32", "cpu")  # the compressed model as it ships (glrs.load)

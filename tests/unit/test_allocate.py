@@ -22,14 +22,14 @@ def pools():
 def test_budget_is_met_within_a_tenth_of_a_point(allocator, density):
     p = pools()
     alloc = allocator(p, density, rank_fraction=0.5)
-    info = allocate.summarize(p, alloc, density)
+    info = allocate.summarise(p, alloc, density)
     assert info["params_kept"] <= allocate.budget_for(p, density)
     assert abs(info["achieved_density"] - density) < 1e-3
 
 
 def test_uniform_gives_every_matrix_the_same_density():
     p = pools()
-    info = allocate.summarize(p, allocate.uniform(p, 0.5, rank_fraction=0.5), 0.5)
+    info = allocate.summarise(p, allocate.uniform(p, 0.5, rank_fraction=0.5), 0.5)
     for m in info["matrices"].values():
         rows, cols = m["shape"]
         assert abs((m["rank"] * (rows + cols) + m["nnz"]) / (rows * cols) - 0.5) < 0.02
@@ -94,7 +94,7 @@ def test_owl_gives_the_layer_with_outliers_more(tmp_path, tiny_prepared):
     alloc = allocate.owl(pools_, 0.5, str(tiny_prepared), files)
     kept = {layer: sum(int(alloc.sparse_keep[p.name].sum()) for p in pools_ if p.layer == layer) for layer in range(3)}
     assert kept[1] > kept[0] and kept[1] > kept[2]
-    info = allocate.summarize(pools_, alloc, 0.5)
+    info = allocate.summarise(pools_, alloc, 0.5)
     assert abs(info["achieved_density"] - 0.5) < 1e-3
 
 

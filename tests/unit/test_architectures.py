@@ -175,7 +175,7 @@ def test_cap_compressed_model_loads_and_computes_its_composed_weights(arch_model
     for layer, sf in zip(layers, stats_files):
         files.append(str(tmp_path / f"realised_{layer}.safetensors"))
         realise.realise_layer(str(prepared), sf, str(tmp_path / "a.json"), layer, {}, files[-1])
-    pipeline.materialize_realised(str(prepared), files, str(tmp_path / "a.json"), {"method": "cap"}, str(tmp_path / "c"))
+    pipeline.materialise_realised(str(prepared), files, str(tmp_path / "a.json"), {"method": "cap"}, str(tmp_path / "c"))
 
     compressed = glrs.load(tmp_path / "c")
     assert compressed.config.model_type == arch

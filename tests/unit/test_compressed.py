@@ -72,7 +72,7 @@ def test_two_to_four_pattern_is_detected_and_bits_round_trip():
     assert rec["pattern"] == "2:4"
 
 
-def _materialized(tiny_prepared, tmp_path, export="none"):
+def _materialised(tiny_prepared, tmp_path, export="none"):
     files = []
     for layer in range(3):
         out = tmp_path / f"layer_{layer}.safetensors"
@@ -80,18 +80,18 @@ def _materialized(tiny_prepared, tmp_path, export="none"):
         files.append(str(out))
     pipeline.run_allocator(files, "uniform", 0.5, {"rank_fraction": 0.5}, 0, None, None,
                            str(tmp_path / "a.json"), str(tmp_path / "a.safetensors"))
-    info = pipeline.materialize(str(tiny_prepared), files, str(tmp_path / "a.safetensors"), str(tmp_path / "a.json"),
+    info = pipeline.materialise(str(tiny_prepared), files, str(tmp_path / "a.safetensors"), str(tmp_path / "a.json"),
                                 {"method": "cap", "allocator": "uniform"}, str(tmp_path / "c"), export)
     return files, info
 
 
-def test_materialize_loads_as_itself_without_a_dense_copy(tiny_prepared, tmp_path, monkeypatch):
-    files, info = _materialized(tiny_prepared, tmp_path)
+def test_materialise_loads_as_itself_without_a_dense_copy(tiny_prepared, tmp_path, monkeypatch):
+    files, info = _materialised(tiny_prepared, tmp_path)
     out = tmp_path / "c"
     assert not (out / compressed.DENSE_DIR).exists()  # the dense export only when asked
     assert not (out / "model.safetensors").exists()  # nothing Hugging Face would load as a dense model
     assert abs(info["achieved_density"] - 0.5) < 1e-3
-    assert info["params_kept"] == allocate.summarize(allocate.load_pools(files), allocate.load_masks(tmp_path / "a.safetensors"), 0.5)["params_kept"]
+    assert info["params_kept"] == allocate.summarise(allocate.load_pools(files), allocate.load_masks(tmp_path / "a.safetensors"), 0.5)["params_kept"]
     assert info["bytes"]["targets"] < info["bytes_dense"]["targets"]
     # Loading never composes a dense target: forbid it while loading.
     monkeypatch.setattr(compressed.LowRankSparseLinear, "dense_weight", lambda *a, **k: pytest.fail("dense target formed"))
@@ -114,7 +114,7 @@ def test_materialize_loads_as_itself_without_a_dense_copy(tiny_prepared, tmp_pat
 
 
 def test_dense_export_on_request_matches_the_compact_model(tiny_prepared, tmp_path):
-    _materialized(tiny_prepared, tmp_path, export="dense")
+    _materialised(tiny_prepared, tmp_path, export="dense")
     out = tmp_path / "c"
     exported = AutoModelForCausalLM.from_pretrained(out / compressed.DENSE_DIR).eval()
     model = glrs.load(out)
@@ -124,7 +124,7 @@ def test_dense_export_on_request_matches_the_compact_model(tiny_prepared, tmp_pa
 
 
 def test_damaged_files_give_a_clear_error(tiny_prepared, tmp_path):
-    _materialized(tiny_prepared, tmp_path)
+    _materialised(tiny_prepared, tmp_path)
     out = tmp_path / "c"
     layer = out / compressed.layer_file(1)
     data = layer.read_bytes()
@@ -144,7 +144,7 @@ def test_damaged_files_give_a_clear_error(tiny_prepared, tmp_path):
 def test_format_version_is_read_forward_and_newer_is_refused(tiny_prepared, tmp_path):
     """A model saved by this version records its format version; a loader reads every version up to its
     own and refuses a newer one by name (so the next glrs, with a higher version, loads this one)."""
-    _materialized(tiny_prepared, tmp_path)
+    _materialised(tiny_prepared, tmp_path)
     fmt = tmp_path / "c" / compressed.FORMAT_FILE
     header = json.loads(fmt.read_text())
     assert header["format"] == compressed.FORMAT and header["version"] == compressed.FORMAT_VERSION
@@ -154,9 +154,9 @@ def test_format_version_is_read_forward_and_newer_is_refused(tiny_prepared, tmp_
         glrs.load(tmp_path / "c")
 
 
-def test_materialize_is_bit_identical_across_runs(tiny_prepared, tmp_path):
-    _materialized(tiny_prepared, tmp_path / "a")
-    _materialized(tiny_prepared, tmp_path / "b")
+def test_materialise_is_bit_identical_across_runs(tiny_prepared, tmp_path):
+    _materialised(tiny_prepared, tmp_path / "a")
+    _materialised(tiny_prepared, tmp_path / "b")
     for f in sorted((tmp_path / "a" / "c").iterdir()):
         if f.name != "conditions.json":
             assert f.read_bytes() == (tmp_path / "b" / "c" / f.name).read_bytes(), f.name
@@ -172,10 +172,10 @@ def test_decompose_is_bit_identical_across_runs(tiny_prepared, tmp_path):
 def test_prefix_allocations_materialise_without_keep_masks(tiny_prepared, tmp_path):
     """An allocation that keeps prefixes (uniform here) needs no masks file: its .json's counts give the same
     model, byte for byte; one that kept other candidates is refused without its masks, naming the fix."""
-    files, _ = _materialized(tiny_prepared, tmp_path / "a")
+    files, _ = _materialised(tiny_prepared, tmp_path / "a")
     alloc = json.loads((tmp_path / "a" / "a.json").read_text())
     assert alloc["kept"] == "prefixes"
-    pipeline.materialize(str(tiny_prepared), files, None, str(tmp_path / "a" / "a.json"),
+    pipeline.materialise(str(tiny_prepared), files, None, str(tmp_path / "a" / "a.json"),
                          {"method": "cap", "allocator": "uniform"}, str(tmp_path / "b"))
     for f in sorted((tmp_path / "a" / "c").iterdir()):
         if f.name != "conditions.json":
@@ -183,12 +183,12 @@ def test_prefix_allocations_materialise_without_keep_masks(tiny_prepared, tmp_pa
     alloc["kept"] = "masks"
     (tmp_path / "masked.json").write_text(json.dumps(alloc))
     with pytest.raises(GlrsError, match="--masks"):
-        pipeline.materialize(str(tiny_prepared), files, None, str(tmp_path / "masked.json"),
+        pipeline.materialise(str(tiny_prepared), files, None, str(tmp_path / "masked.json"),
                              {"method": "cap", "allocator": "cap"}, str(tmp_path / "d"))
 
 
 def test_allocation_writes_keep_masks_only_when_asked(tiny_prepared, tmp_path):
-    files, _ = _materialized(tiny_prepared, tmp_path / "a")
+    files, _ = _materialised(tiny_prepared, tmp_path / "a")
     pipeline.run_allocator(files, "uniform", 0.5, {"rank_fraction": 0.5}, 0, None, None, str(tmp_path / "b.json"))
     assert not list(tmp_path.glob("*.safetensors"))
     a, b = (json.loads(p.read_text()) for p in (tmp_path / "a" / "a.json", tmp_path / "b.json"))

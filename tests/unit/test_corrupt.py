@@ -46,11 +46,11 @@ def test_truncated_stage1_file(stage_files, tmp_path, keep):
     assert not (tmp_path / "a.safetensors").exists()
 
 
-def test_truncated_stage1_file_stops_materialize(stage_files, tiny_prepared, tmp_path):
+def test_truncated_stage1_file_stops_materialise(stage_files, tiny_prepared, tmp_path):
     tmp, files = stage_files
     bad = truncate(files[2], tmp_path / "layer_2.safetensors")
     with pytest.raises(GlrsError, match=r"layer_2\.safetensors.*rerun its decompose job"):
-        pipeline.materialize(str(tiny_prepared), files[:2] + [str(bad)], str(tmp / "a.safetensors"), str(tmp / "a.json"),
+        pipeline.materialise(str(tiny_prepared), files[:2] + [str(bad)], str(tmp / "a.safetensors"), str(tmp / "a.json"),
                              {"method": "cap", "allocator": "uniform"}, str(tmp_path / "c"))
     assert not (tmp_path / "c").exists()
 
@@ -59,7 +59,7 @@ def test_truncated_mask_file(stage_files, tiny_prepared, tmp_path, capsys):
     tmp, files = stage_files
     bad = truncate(tmp / "a.safetensors", tmp_path / "masks.safetensors")
     shutil.copy(tmp / "a.json", tmp_path / "masks.json")
-    code = cli.main(["materialize", "--model-dir", str(tiny_prepared), "--rpca", *files, "--masks", str(bad),
+    code = cli.main(["materialise", "--model-dir", str(tiny_prepared), "--rpca", *files, "--masks", str(bad),
                      "--alloc-json", str(tmp_path / "masks.json"), "--run-info", json.dumps({"method": "cap"}),
                      "--out", str(tmp_path / "c")])
     err = capsys.readouterr().err
@@ -111,11 +111,11 @@ def test_truncated_statistics_file_stops_realise(realised_files, tiny_prepared, 
 
 
 @pytest.mark.parametrize("keep", [0.0, 0.6, 0.999])
-def test_truncated_realised_layer_stops_materialize_realised(realised_files, tiny_prepared, tmp_path, keep):
+def test_truncated_realised_layer_stops_materialise_realised(realised_files, tiny_prepared, tmp_path, keep):
     tmp, _, files = realised_files
-    pipeline.materialize_realised(str(tiny_prepared), files, str(tmp / "a.json"), {"method": "cap"}, str(tmp_path / "ok"))
+    pipeline.materialise_realised(str(tiny_prepared), files, str(tmp / "a.json"), {"method": "cap"}, str(tmp_path / "ok"))
     bad = truncate(files[2], tmp_path / "realised_2.safetensors", keep)
     with pytest.raises(GlrsError, match=r"cannot read realised layer .*realised_2\.safetensors.*rerun its realise job"):
-        pipeline.materialize_realised(str(tiny_prepared), files[:2] + [str(bad)], str(tmp / "a.json"),
+        pipeline.materialise_realised(str(tiny_prepared), files[:2] + [str(bad)], str(tmp / "a.json"),
                                       {"method": "cap"}, str(tmp_path / "c"))
     assert not (tmp_path / "c").exists()

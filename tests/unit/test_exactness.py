@@ -65,7 +65,7 @@ def test_compose_and_module_equal_the_slow_composition(shape):
 # ---- the materialised CAP model: Stage-1 file + masks -> factored checkpoint and dense export ----------
 
 @pytest.fixture(scope="module")
-def materialized(tiny_prepared, tmp_path_factory):
+def materialised(tiny_prepared, tmp_path_factory):
     """Two layers decomposed, arbitrary (not prefix) keep-masks, materialised."""
     tmp = tmp_path_factory.mktemp("exact")
     files = []
@@ -88,7 +88,7 @@ def materialized(tiny_prepared, tmp_path_factory):
     info = {"target_density": 0.5, "achieved_density": 0.5, "params_dense": 1}
     allocate.save(allocate.Allocation(rank_keep, sparse_keep), info, tmp / "a.json", tmp / "a.safetensors")
     out = tmp / "c"
-    pipeline.materialize(str(tiny_prepared), files, str(tmp / "a.safetensors"), str(tmp / "a.json"),
+    pipeline.materialise(str(tiny_prepared), files, str(tmp / "a.safetensors"), str(tmp / "a.json"),
                          {"method": "cap", "allocator": "test"}, str(out), export="dense")
     return files, tmp / "a.safetensors", out, shapes
 
@@ -116,8 +116,8 @@ def _slow_expected(files, masks_file) -> dict[str, torch.Tensor]:
     return want
 
 
-def test_materialized_weights_equal_the_kept_parts_of_stage_1(materialized, tiny_prepared):
-    files, masks_file, out, shapes = materialized
+def test_materialised_weights_equal_the_kept_parts_of_stage_1(materialised, tiny_prepared):
+    files, masks_file, out, shapes = materialised
     want = _slow_expected(files, masks_file)
     assert {s for s in shapes.values()} >= {(32, 32), (16, 32), (64, 32), (32, 64)}  # square and non-square
     factored = slow_read_compressed(out)
@@ -138,8 +138,8 @@ def test_materialized_weights_equal_the_kept_parts_of_stage_1(materialized, tiny
             assert torch.equal(dense[name], t), name
 
 
-def test_factored_forward_equals_dense_export_forward(materialized):
-    files, masks_file, out, shapes = materialized
+def test_factored_forward_equals_dense_export_forward(materialised):
+    files, masks_file, out, shapes = materialised
     want = _slow_expected(files, masks_file)
     g = torch.Generator().manual_seed(4)
     factored_model = compressed.load(out)

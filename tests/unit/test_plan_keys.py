@@ -131,7 +131,7 @@ VERSION_CHANGES = [
     ("stats", stats, "STATS_VERSION", lambda p: {"stats"}),
     ("realise", realise, "REALISE_VERSION", lambda p: {f"realise:{r.label}" for r in p.realised_runs}),
     # The compressed-model format is every method's output: its version reaches every compressed model.
-    ("materialize", compressed, "MATERIALIZE_VERSION", lambda p: {f"comp:{r.label}" for r in p.runs}),
+    ("materialise", compressed, "MATERIALISE_VERSION", lambda p: {f"comp:{r.label}" for r in p.runs}),
     ("baseline", glrs_plan, "BASELINE_VERSION", lambda p: {f"comp:{r.label}" for r in p.baseline_runs}),
     ("wanda", "glrs.methods.wanda:Wanda", "version", lambda p: {f"comp:{r.label}" for r in p.baseline_runs if r.method == "wanda"}),
     ("eval", evaluate, "EVAL_VERSION", lambda p: {f"eval:{d}" for d in p.eval_keys}),

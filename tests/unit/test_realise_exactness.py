@@ -1,4 +1,4 @@
-"""Exactness of CAP's default output path -- realise, then materialize_realised -- where the answer is known.
+"""Exactness of CAP's default output path -- realise, then materialise_realised -- where the answer is known.
 
 The model's every target matrix is planted as W = (rank 2) + (2 entries per row), and the allocation
 gives each matrix exactly that budget (rank_ratio 0.8 splits every shape of the tiny Llama into rank 2
@@ -13,7 +13,7 @@ code under test:
 Each of these faults was planted in a scratch copy and fails a test here: sparse values rolled by one
 (in realise_matrix, in realise_layer's writer, in read_realised, in compose, in LowRankSparseLinear, in
 glrs.load), sparse indices transposed (realise_matrix's flat index, compose, LowRankSparseLinear),
-the low-rank part dropped (realise_matrix, materialize_realised, compose, the module's forward), U and V
+the low-rank part dropped (realise_matrix, materialise_realised, compose, the module's forward), U and V
 exchanged (realise_matrix, read_realised, compose, the module), the refit returning zeros, the rank
 dropped to 0 and GoDec's low-rank step ignoring the sparse part.
 """
@@ -83,7 +83,7 @@ def realised(tiny_llama_dir, tmp_path_factory):
         realise.realise_layer(str(model_dir), str(stats.layer_file(tmp / "stats", i)), str(alloc), i, PARAMS, str(out))
         files.append(str(out))
     out = tmp / "compressed"
-    pipeline.materialize_realised(str(model_dir), files, str(alloc), {"method": "cap", "allocator": "test"}, str(out),
+    pipeline.materialise_realised(str(model_dir), files, str(alloc), {"method": "cap", "allocator": "test"}, str(out),
                                   export="dense")
     return {"model_dir": model_dir, "files": files, "weights": weights, "out": out, "kept": kept, "dense": dense}
 

@@ -162,7 +162,7 @@ def test_realise_layer_honours_per_matrix_budgets(mode, sparsity, tmp_path, monk
 
 @pytest.mark.parametrize("mode", realise.PRUNING_MODES)
 def test_pruned_layers_materialise_on_a_tiny_llama(mode, tiny_prepared, tmp_path):
-    """Statistics, an allocation, the pruning realiser layer by layer and materialize_realised, unchanged: the
+    """Statistics, an allocation, the pruning realiser layer by layer and materialise_realised, unchanged: the
     compressed model keeps the allocation's parameters and holds the realised weights."""
     from glrs import compressed
 
@@ -177,7 +177,7 @@ def test_pruned_layers_materialise_on_a_tiny_llama(mode, tiny_prepared, tmp_path
         files.append(str(tmp_path / f"r_{i}.safetensors"))
         realise.realise_layer(str(tiny_prepared), str(stats.layer_file(tmp_path / "stats", i)), str(tmp_path / "a.json"),
                               i, {"mode": mode}, files[-1])
-    info = pipeline.materialize_realised(str(tiny_prepared), files, str(tmp_path / "a.json"),
+    info = pipeline.materialise_realised(str(tiny_prepared), files, str(tmp_path / "a.json"),
                                          {"method": "cap", "allocator": "uniform"}, str(tmp_path / "out"), export="dense")
     alloc = json.loads((tmp_path / "a.json").read_text())
     assert info["params_kept"] == sum(realise.matrix_budgets(alloc).values())

@@ -90,7 +90,7 @@ def test_allocation_and_selected_model_are_byte_identical_without_the_files(both
         d.mkdir()
         pipeline.run_allocator(source, allocator, 0.5, {"rank_fraction": 0.5}, 0, str(tiny_prepared), None,
                                str(d / "a.json"), str(d / "a.safetensors"))
-        pipeline.materialize(str(tiny_prepared), source, str(d / "a.safetensors"), str(d / "a.json"),
+        pipeline.materialise(str(tiny_prepared), source, str(d / "a.safetensors"), str(d / "a.json"),
                              {"method": "cap", "allocator": allocator}, str(d / "c"))
         out[name] = {str(p.relative_to(d)): cas.sha256_file(p) for p in sorted(d.rglob("*"))
                      if p.is_file() and p.name != "a.json"} | {"a.json": _without_source(d / "a.json")}
@@ -129,7 +129,7 @@ def test_cli_splits_the_weights_and_names_what_is_missing(both, tiny_prepared, t
                 "--model-dir", str(tiny_prepared), "--json-out", str(tmp_path / "a.json"),
                 "--masks-out", str(tmp_path / "a.safetensors"))
     assert proc.returncode == 2 and "--rpca-key" in proc.stderr
-    proc = glrs("materialize", "--split-layers", "0", "--masks", "x", "--alloc-json", "y", "--out", "z")
+    proc = glrs("materialise", "--split-layers", "0", "--masks", "x", "--alloc-json", "y", "--out", "z")
     assert proc.returncode != 0 and "--model-dir" in proc.stderr
     proc = glrs("plot-spectra", "--model-dir", str(tiny_prepared), "--split-layers", "0", "2",
                 "--out", str(tmp_path / "spectra.png"))

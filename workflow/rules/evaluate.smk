@@ -68,7 +68,7 @@ rule evaluate_zeroshot:
         "--dtype {params.dtype} --device {params.device} --seed {params.seed} --out {output} > {log} 2>&1"
 
 
-rule summarize:
+rule summarise:
     conda:
         "../../envs/glrs.yaml"
     input:
@@ -79,6 +79,6 @@ rule summarize:
     params:
         results=lambda wc, output: os.path.dirname(output[0]),  # the whole results tree, not only this plan's runs
     log:
-        f"{RESULTS}/logs/summarize.log",
+        f"{RESULTS}/logs/summarise.log",
     shell:
-        "python -m glrs summarize --results {params.results} --out {output} > {log} 2>&1"
+        "python -m glrs summarise --results {params.results} --out {output} > {log} 2>&1"

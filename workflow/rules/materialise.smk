@@ -1,10 +1,10 @@
 # The compressed model in glrs's compact format (glrs/compressed.py, docs/format.md): low rank + sparse values with a
 # bitmask or 16-bit column support; a dense Hugging Face export under hf/ only with `export: dense`.
-# `materialize` keeps the selected Stage-1 candidates (realise.mode select): from the Stage-1 files, or
+# `materialise` keeps the selected Stage-1 candidates (realise.mode select): from the Stage-1 files, or
 # under rpca.method none from the model's weights split in memory (no Stage-1 file is an input then).
 
 
-rule materialize:
+rule materialise:
     conda:
         "../../envs/glrs.yaml"
     input:
@@ -22,15 +22,15 @@ rule materialize:
         info=lambda wc: shell_json(PLAN.run_info(PLAN.run_by_comp_key(wc.comp_key))),
         masks=lambda wc, input: f"--masks {input.masks}" if "masks" in input.keys() else "",
     log:
-        f"{RESULTS}/logs/materialize/{{comp_key}}.log",
+        f"{RESULTS}/logs/materialise/{{comp_key}}.log",
     benchmark:
-        f"{RESULTS}/bench/materialize/{{comp_key}}.tsv"
+        f"{RESULTS}/bench/materialise/{{comp_key}}.tsv"
     shell:
-        "python -m glrs materialize --model-dir {input.model} {params.stage1} {params.masks} "
+        "python -m glrs materialise --model-dir {input.model} {params.stage1} {params.masks} "
         "--alloc-json {input.json} --run-info {params.info} --export {params.export} --out {output} > {log} 2>&1"
 
 
-rule materialize_realised:
+rule materialise_realised:
     priority: 20  # CAP's critical path first (see calibrate)
     conda:
         "../../envs/glrs.yaml"
@@ -47,9 +47,9 @@ rule materialize_realised:
         info=lambda wc: shell_json(PLAN.run_info(PLAN.run_by_comp_key(wc.comp_key))),
         masks=lambda wc, input: f"--masks {input.masks}" if "masks" in input.keys() else "",
     log:
-        f"{RESULTS}/logs/materialize/{{comp_key}}.log",
+        f"{RESULTS}/logs/materialise/{{comp_key}}.log",
     benchmark:
-        f"{RESULTS}/bench/materialize/{{comp_key}}.tsv"
+        f"{RESULTS}/bench/materialise/{{comp_key}}.tsv"
     shell:
-        "python -m glrs materialize-realised --model-dir {input.model} --realised {input.realised} "
+        "python -m glrs materialise-realised --model-dir {input.model} --realised {input.realised} "
         "--alloc-json {input.json} --run-info {params.info} --export {params.export} --out {output} > {log} 2>&1"
