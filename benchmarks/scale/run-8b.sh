@@ -18,7 +18,7 @@ state=${STATE:-results/scale}
 model=$(realpath -m "${MODEL:-$state/llama8b}")
 tok=${TOKENIZER:-$state/tokenizer}
 log=$state/run.log
-export GLRS_GPU_LOCKS=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export GLRS_GPU_LOCKS=${GLRS_GPU_LOCKS:-0} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$state" results/benchmarks
 say() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$log"; }
 wheels() { python3 -m pip install -q --no-index --find-links .whl "$@" snakemake; }
