@@ -17,8 +17,8 @@ def _add_stage1(s: argparse.ArgumentParser) -> None:
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--rpca", nargs="+", help="Stage 1's files, one per layer (the decompose jobs' outputs)")
     g.add_argument("--split-layers", type=int, nargs="+", metavar="LAYER",
-                   help="rpca.method none: no Stage-1 files; these layers of --model-dir are split in memory (L = 0, S = W)")
-    s.add_argument("--rpca-key", default="", help="with --split-layers: the plan's Stage-1 key, recorded as an input")
+                   help="stage1 weights: no Stage-1 files; these layers of --model-dir are split in memory (L = 0, S = W)")
+    s.add_argument("--stage1-key", default="", help="with --split-layers: the plan's Stage-1 key, recorded as an input")
 
 
 def _stage1(args: argparse.Namespace):
@@ -28,7 +28,7 @@ def _stage1(args: argparse.Namespace):
         return Stage1.from_files(args.rpca)
     if not args.model_dir:
         raise GlrsError("--split-layers splits the weights of --model-dir; pass --model-dir")
-    return Stage1.from_weights(args.model_dir, args.split_layers, args.rpca_key)
+    return Stage1.from_weights(args.model_dir, args.split_layers, args.stage1_key)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--alloc-json", nargs="+", required=True)
     s.add_argument("--out", required=True)
 
-    s = sub.add_parser("plot-spectra", help="singular values of W versus L for a few layers (W alone under rpca.method none)")
+    s = sub.add_parser("plot-spectra", help="singular values of W versus L for a few layers (W alone under stage1 weights)")
     s.add_argument("--model-dir", required=True)
     _add_stage1(s)
     s.add_argument("--out", required=True)
@@ -210,8 +210,8 @@ def run(args: argparse.Namespace) -> None:
     elif c == "calibrate":
         pipeline.calibrate(args.model_dir, args.params, args.seed, args.out)
     elif c == "allocate":
-        if args.split_layers and not args.rpca_key:
-            raise GlrsError("--split-layers needs --rpca-key (the Stage-1 key the allocation records as its input)")
+        if args.split_layers and not args.stage1_key:
+            raise GlrsError("--split-layers needs --stage1-key (the Stage-1 key the allocation records as its input)")
         info = pipeline.run_allocator(_stage1(args), args.allocator, args.density, args.params, args.seed, args.model_dir,
                                       args.calib, args.json_out, args.masks_out, args.device, args.stats)
         print(f"{args.allocator}: target density {info['target_density']}, achieved {info['achieved_density']:.5f}")

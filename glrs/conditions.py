@@ -126,11 +126,11 @@ def packages(*names: str) -> dict:
 def input_keys(stage1_keys: dict, calib_file: str | None = None, stats_files: list[str] | None = None) -> dict:
     """Where an allocation's inputs live, as keys under the results tree, so that `glrs verify` can
     recompute it without the config: Stage 1's model key, Stage-1 key and layers (glrs.stage1.Stage1.keys:
-    rpca/<model>/<rpca>/layer_<i>.safetensors, or under rpca.method none the model's own weights),
+    rpca/<model>/<rpca>/layer_<i>.safetensors, or under stage1 weights the model's own weights),
     calib/<model>/<calib>.safetensors, stats/<model>/<stats>/layer_<i>.safetensors; `stage1` says which."""
     from pathlib import Path
 
-    keys = {k: stage1_keys[k] for k in ("model_key", "rpca_key", "layers", "stage1")}
+    keys = {k: stage1_keys[k] for k in ("model_key", "stage1_key", "layers", "stage1")}
     if calib_file:
         keys["calib_key"] = Path(calib_file).stem
     if stats_files:

@@ -39,7 +39,7 @@ LIST_KEYS = ("methods", "allocators", "target_density")
 
 def _typed_strings(value):
     """Strings inside nested --config values typed as YAML would type them: Snakemake hands
-    `--config 'rpca={method: none, lambda_scale: 2}'` over as {'method': 'none', 'lambda_scale': '2'}."""
+    `--config 'rpca={lambda_scale: 2, max_iter: 300}'` over as {'lambda_scale': '2', 'max_iter': '300'}."""
     if isinstance(value, dict):
         return {k: _typed_strings(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -63,6 +63,9 @@ def validate(config: dict, schema_path: Path = SCHEMA) -> dict:
     for key, value in config.items():  # top-level strings stay as given (model: a path may look like a number)
         if isinstance(value, (dict, list)):
             config[key] = _typed_strings(value)
+    if isinstance(config.get("rpca"), dict) and "method" in config["rpca"]:
+        raise GlrsError("config key rpca.method is now the top-level key stage1: write `stage1: weights` for "
+                        "rpca.method none, `stage1: rpca` for ialm (the rpca section keeps RPCA's solver settings)")
     schema = yaml.safe_load(schema_path.read_text())
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if not errors:

@@ -118,7 +118,7 @@ def run_allocator(stage1_in: Stage1 | list[str], allocator: str, density: float,
                   model_dir: str | None, calib_file: str | None, json_out: str, masks_out: str | None = None,
                   device: str = "auto", stats_files: list[str] | None = None) -> dict:
     """One allocation from every layer's Stage-1 candidates (a glrs.stage1.Stage1: the decompose
-    files, or under rpca.method none the model's weights; a list of files is taken as the former).
+    files, or under stage1 weights the model's weights; a list of files is taken as the former).
     The json holds the per-matrix budgets; the per-candidate keep-masks go to `masks_out` only when
     given (realise.mode select reads them; the realisers need only the budgets)."""
     s1 = Stage1.of(stage1_in)

@@ -5,17 +5,17 @@ hash; each later key hashes its input keys, its own parameters and its stage's
 code version. So changing target_density changes only allocation keys and
 below, while the RPCA files (keyed by model + RPCA parameters) are found again.
 
-Under `rpca.method: none` (the default) Stage 1 is the trivial split L = 0, S = W: the plan has no
+Under `stage1: weights` (the default) Stage 1 is the trivial split L = 0, S = W: the plan has no
 RPCA files and no decompose job, and every consumer splits the prepared model's weights in memory
-(glrs.stage1). The Stage-1 key is still formed from the same parameters (they say `method: none`)
-and still enters the allocation keys, so those keys are the ones a run with decompose jobs had.
+(glrs.stage1). Its Stage-1 key hashes the model and that choice alone: RPCA's settings enter a key
+only under `stage1: rpca`, where RPCA runs.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 
-from . import allocate, cap, cas, compressed, data, evaluate, modelio, realise, rpca, stats
+from . import allocate, cap, cas, compressed, data, evaluate, modelio, realise, rpca, stage1, stats
 from .errors import GlrsError
 
 RESULTS = "results"
@@ -48,7 +48,7 @@ class Plan:
     source: modelio.ModelSource
     model_key: str
     layers: list[int]
-    rpca_key: str
+    stage1_key: str
     rpca_params: dict
     calib_key: str
     calib_params: dict
@@ -73,24 +73,29 @@ class Plan:
         return f"{RESULTS}/model/{self.model_key}"
 
     def rpca_file(self, layer: int) -> str:
-        return f"{RESULTS}/rpca/{self.model_key}/{self.rpca_key}/layer_{layer}.safetensors"
+        return f"{RESULTS}/rpca/{self.model_key}/{self.stage1_key}/layer_{layer}.safetensors"
+
+    @property
+    def stage1(self) -> str:
+        """Where Stage 2's candidates come from: `weights` (L = 0, S = W, split in memory by the jobs that
+        read them: no Stage-1 file) or `rpca` (one decompose job a layer)."""
+        return self.config.get("stage1", "weights")
 
     @property
     def splits_weights(self) -> bool:
-        """rpca.method none: no Stage-1 files; their consumers split the model's weights (glrs.stage1)."""
-        return self.rpca_params["method"] == "none"
+        return self.stage1 == "weights"
 
     @property
     def rpca_files(self) -> list[str]:
-        """The decompose jobs' outputs; none under rpca.method none."""
+        """The decompose jobs' outputs; none under stage1 weights."""
         return [] if self.splits_weights else [self.rpca_file(i) for i in self.layers]
 
     def stage1_args(self, layers: list[int] | None = None) -> str:
         """The CLI arguments that name Stage 1 for a job that reads it (allocate, materialise, plot-spectra):
-        its files, or under rpca.method none the layers to split (the job also gets --model-dir)."""
+        its files, or under stage1 weights the layers to split (the job also gets --model-dir)."""
         layers = self.layers if layers is None else layers
         if self.splits_weights:
-            return f"--split-layers {' '.join(map(str, layers))} --rpca-key {self.rpca_key}"
+            return f"--split-layers {' '.join(map(str, layers))} --stage1-key {self.stage1_key}"
         return "--rpca " + " ".join(self.rpca_file(i) for i in layers)
 
     @property
@@ -170,25 +175,26 @@ class Plan:
         info = {"method": run.method, "allocator": run.allocator, "seed": self.config["seed"], "model_key": self.model_key,
                 "comp_key": run.comp_key, "layers": self.layers}
         if run.method == "cap":
-            info |= {"rpca_key": self.rpca_key, "alloc_key": run.alloc_key, "rpca_lambda_scale": self.rpca_params["lambda_scale"],
+            info |= {"stage1": self.stage1, "stage1_key": self.stage1_key, "alloc_key": run.alloc_key,
                      "variant": self.cap_variant(run)}
+            if self.stage1 == "rpca":
+                info["rpca_lambda_scale"] = self.rpca_params["lambda_scale"]
             return info | ({"realise_key": run.realise_key, "stats_key": self.stats_key} if run.realise_key else {})
         return info | {"calib_key": self.calib_key, "method_params": run.params}
 
     def cap_variant(self, run: Run) -> str:
-        """Which CAP this is, in a few words: the Stage-1 pool, the policy, its loss where set, and the realisation."""
-        pool = self.rpca_params.get("method", "ialm")
+        """Which CAP this is, in a few words: the Stage-1 candidates, the policy, its loss where set, and the realisation."""
         learned = run.allocator in allocate.NEEDS_CALIBRATION
         policy = run.params.get("policy", "") if learned else ""
         loss = run.params.get("loss", "") if learned else ""  # absent: the default (the variant as before)
         rp = self.realise_params_of(run)
         sparsity = rp.get("sparsity", "")  # absent: unstructured (the variant as before)
-        return " ".join(x for x in (f"pool={pool}", f"policy={policy}" if policy else "", f"loss={loss}" if loss else "",
+        return " ".join(x for x in (f"stage1={self.stage1}", f"policy={policy}" if policy else "", f"loss={loss}" if loss else "",
                                     f"realise={rp['mode']}", f"sparsity={sparsity}" if sparsity else "")
                         if x)
 
     def allocate_inputs(self, alloc_key: str) -> dict:
-        """What one allocation job reads: every layer's factors (under rpca.method none: the model's
+        """What one allocation job reads: every layer's factors (under stage1 weights: the model's
         weights), and the model and calibration text if it learns."""
         inputs = {"model": self.model_dir} if self.splits_weights else {"rpca": self.rpca_files}
         run = self.run_by_alloc_key(alloc_key)
@@ -218,7 +224,7 @@ class Plan:
 
     @property
     def spectra_files(self) -> list[str]:
-        """Their Stage-1 files (none under rpca.method none: the plot then shows W's spectra alone)."""
+        """Their Stage-1 files (none under stage1 weights: the plot then shows W's spectra alone)."""
         return [] if self.splits_weights else [self.rpca_file(i) for i in self.spectra_layers]
 
     @property
@@ -313,7 +319,11 @@ def make_plan(config: dict) -> Plan:
     model_key = cas.key_of("model", modelio.PREPARE_VERSION, {"source": source.key}, {"dtype": config["dtype"]})
     layers = _layers(config, source.num_layers)
     rpca_params = dict(rpca.DEFAULTS) | config.get("rpca", {})
-    rpca_key = cas.key_of("rpca", rpca.RPCA_VERSION, {"model": model_key}, rpca_params)
+    # The key of Stage 1's output: RPCA's settings feed it only where RPCA runs.
+    if config.get("stage1", "weights") == "rpca":
+        stage1_key = cas.key_of("rpca", rpca.RPCA_VERSION, {"model": model_key}, rpca_params)
+    else:
+        stage1_key = cas.key_of("stage1", stage1.WEIGHTS_VERSION, {"model": model_key}, {"candidates": "weights"})
 
     calib_params = dict(config["calibration"])
     calib_text = data.text_identity(calib_params["dataset"], "calibration")
@@ -344,7 +354,7 @@ def make_plan(config: dict) -> Plan:
                                       "cap", excluded)
         for allocator in config["allocators"]:
             params = dict(config.get("allocator_params", {}).get(allocator, {}))
-            inputs = {"rpca": rpca_key, "layers": ",".join(map(str, layers))}
+            inputs = {"stage1": stage1_key, "layers": ",".join(map(str, layers))}
             if allocator in allocate.NEEDS_CALIBRATION:
                 # Hash the effective settings, defaults included, so a changed default is a new key.
                 params = cap.resolve_params(params, allocator)
@@ -372,7 +382,7 @@ def make_plan(config: dict) -> Plan:
                                {"seqlen": ev["seqlen"], "max_tokens": ev.get("max_tokens"), "dtype": config["dtype"]})
                 for ds in ev["datasets"]}
 
-    return Plan(config, source, model_key, layers, rpca_key, rpca_params, calib_key, calib_params, runs,
+    return Plan(config, source, model_key, layers, stage1_key, rpca_params, calib_key, calib_params, runs,
                 ppl_keys("evaluation"), _zeroshot_key(config), stats_key, realise_params, excluded, realise_modes,
                 ppl_keys("validation") if ev.get("validation") else {})
 

@@ -114,7 +114,7 @@ def _n_layers(infos: list[dict]) -> int:
 def plot_spectra(model_dir: str, stage1_in, out: str | Path) -> None:
     """Singular values of each weight W against those of its low-rank part L, for a few layers:
     RPCA moves the heavy tail of W's spectrum into S, so L's spectrum drops off sooner. `stage1_in`
-    (a glrs.stage1.Stage1, or decompose files) names the layers; under rpca.method none there is no
+    (a glrs.stage1.Stage1, or decompose files) names the layers; under stage1 weights there is no
     L, and the figure shows W's spectra alone."""
     from .stage1 import Stage1
 
@@ -129,7 +129,7 @@ def plot_spectra(model_dir: str, stage1_in, out: str | Path) -> None:
             w_sv = torch.linalg.svdvals(weights[short].double()).numpy()
             ax.semilogy(np.arange(1, len(w_sv) + 1), w_sv, label="W", lw=1.2)
             if stage1.splits_weights:
-                ax.set_title(f"layer {layer} {short}  (no L: rpca.method none)", fontsize=8)
+                ax.set_title(f"layer {layer} {short}  (no L: stage1 weights)", fontsize=8)
             else:
                 l_sv = sigma[f"{short}.sigma"].double().numpy()
                 if len(l_sv):

@@ -55,8 +55,8 @@ RPCA_VERSION = 3  # 2: subspace SVT for large matrices, spectral norm by block i
 # 3: the solver runs under a fixed CPU thread count and each file records its conditions (glrs.conditions)
 
 # The Stage-1 settings a config's `rpca` section overrides (config/schema.yaml names the same keys;
-# tests/unit/test_config.py holds them equal). `method: none` skips RPCA (glrs.stage1 splits the weights).
-DEFAULTS = {"method": "ialm", "lambda_scale": 1.0, "tol": 1e-7, "max_iter": 500, "rho": 1.5, "mu_factor": 1.25,
+# tests/unit/test_config.py holds them equal); they apply under `stage1: rpca` only.
+DEFAULTS = {"lambda_scale": 1.0, "tol": 1e-7, "max_iter": 500, "rho": 1.5, "mu_factor": 1.25,
             "dtype": "float64"}
 SUBSPACE_MIN_DIM = 1024  # "auto" uses the subspace SVT when min(m, n) >= this
 SUBSPACE_MAX_FRACTION = 0.3  # ... and gives up on it once the block exceeds this share of min(m, n)
@@ -80,7 +80,7 @@ class RPCAResult:
 
 
 def no_split(W: torch.Tensor) -> RPCAResult:
-    """The trivial split L = 0, S = W (`rpca.method: none`): Stage 2 then allocates over the weights
+    """The trivial split L = 0, S = W (`stage1: weights`): Stage 2 then allocates over the weights
     themselves, and CAP's realisation (glrs.realise) builds the low-rank + sparse form afterwards.
     The pipeline stores no file of it: its consumers make it in memory from the weights (glrs.stage1)."""
     m, n = W.shape

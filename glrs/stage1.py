@@ -5,8 +5,8 @@ of S sorted by |value| descending (`<m>.S_values`, flat `<m>.S_index`), with met
 matrix and its shape: what a `glrs decompose` job stores (glrs.pipeline.decompose_layer). Allocation,
 materialisation, CAP's candidates and the spectra plot read these through a `Stage1`, which finds them
 
-- in the decompose jobs' files, one per layer (`rpca.method: ialm`), or
-- under `rpca.method: none`, in the prepared model itself: the split is the trivial L = 0, S = W
+- in the decompose jobs' files, one per layer (`stage1: rpca`), or
+- under `stage1: weights` (the default), in the prepared model itself: the split is the trivial L = 0, S = W
   (glrs.rpca.no_split), made in memory by the consumer from `modelio.read_layer`, so the run has no
   decompose job and writes nothing under results/rpca/. Storing it would cost ~9 bytes per weight
   (a sorted copy of every weight and its int64 index: 1.2 GB for the 135M default model, ~70 GB
@@ -30,6 +30,8 @@ from safetensors import safe_open
 from . import modelio, rpca
 from .errors import GlrsError
 
+WEIGHTS_VERSION = 1  # the key of `stage1: weights` (the split is glrs.rpca.no_split: L = 0, S = W)
+
 PARTS = ("U", "sigma", "V", "S_values", "S_index")
 
 
@@ -47,7 +49,7 @@ def layer_tensors(short: str, res: rpca.RPCAResult, store: torch.dtype) -> dict[
 
 
 def split_weights(model_dir: str | Path, layer: int, parts: Sequence[str] = PARTS) -> tuple[dict, dict[str, torch.Tensor]]:
-    """`rpca.method: none` of one layer, in memory: the metadata and tensors (only `parts` of each
+    """`stage1: weights` of one layer, in memory: the metadata and tensors (only `parts` of each
     matrix) that a decompose job would have stored for it. The matrices come in the order a decompose
     file's metadata lists them (canonical JSON: sorted), so every consumer sees the same order."""
     weights = modelio.read_layer(model_dir, layer)
@@ -81,7 +83,7 @@ def _layer_of(path: Path) -> int:
 
 @dataclass
 class MatrixPool:
-    """The candidates Stage 1 left for one matrix: its singular values and sorted |S| (under rpca.method
+    """The candidates Stage 1 left for one matrix: its singular values and sorted |S| (under stage1
     none: no singular values, and every weight's |value|; glrs.stage1)."""
 
     name: str
@@ -110,26 +112,26 @@ class Stage1:
     the order of `layers`), or, when there are none, the weights of `model_dir` split as L = 0, S = W."""
 
     model_key: str
-    rpca_key: str
+    stage1_key: str
     layers: tuple[int, ...]
     files: tuple[str, ...] = ()
     model_dir: str = ""
 
     @classmethod
     def from_files(cls, files: Sequence[str | Path]) -> "Stage1":
-        """The decompose files results/rpca/<model_key>/<rpca_key>/layer_<i>.safetensors (the keys are the path's)."""
+        """The decompose files results/rpca/<model_key>/<stage1_key>/layer_<i>.safetensors (the keys are the path's)."""
         if not files:
             raise GlrsError("no Stage-1 files given: pass every layer's RPCA file")
         paths = [Path(f) for f in files]
         return cls(paths[0].parent.parent.name, paths[0].parent.name, tuple(map(_layer_of, paths)), tuple(map(str, paths)))
 
     @classmethod
-    def from_weights(cls, model_dir: str | Path, layers: Sequence[int], rpca_key: str = "") -> "Stage1":
-        """`rpca.method: none`: these layers of the prepared model results/model/<model_key>, split in memory;
-        `rpca_key` is the plan's Stage-1 key (what an allocation records as its input)."""
+    def from_weights(cls, model_dir: str | Path, layers: Sequence[int], stage1_key: str = "") -> "Stage1":
+        """`stage1: weights`: these layers of the prepared model results/model/<model_key>, split in memory;
+        `stage1_key` is the plan's Stage-1 key (what an allocation records as its input)."""
         if not layers:
             raise GlrsError("no layers given to split")
-        return cls(Path(model_dir).name, rpca_key, tuple(int(i) for i in layers), (), str(model_dir))
+        return cls(Path(model_dir).name, stage1_key, tuple(int(i) for i in layers), (), str(model_dir))
 
     @classmethod
     def of(cls, stage1: "Stage1 | Sequence[str | Path]") -> "Stage1":
@@ -143,12 +145,12 @@ class Stage1:
     def keys(self) -> dict:
         """Where the candidates live as keys under the results tree (an allocation's recorded inputs), and
         which source they came from (`stage1`: "files" or "weights", so that `glrs verify` reads the same)."""
-        return {"model_key": self.model_key, "rpca_key": self.rpca_key, "layers": list(self.layers),
+        return {"model_key": self.model_key, "stage1_key": self.stage1_key, "layers": list(self.layers),
                 "stage1": "weights" if self.splits_weights else "files"}
 
     def source(self, layer: int) -> str:
         """The file of one layer, or the model it is split from (for messages)."""
-        return self.files[self.layers.index(layer)] if self.files else f"{self.model_dir} (layer {layer}, rpca.method none)"
+        return self.files[self.layers.index(layer)] if self.files else f"{self.model_dir} (layer {layer}, stage1 weights)"
 
     def check_readable(self) -> None:
         """A truncated or damaged input becomes a GlrsError naming it and its fix before any work."""
@@ -177,7 +179,7 @@ class Stage1:
     def pools(self, values: bool = True) -> list:
         """The allocators' view (MatrixPool): per matrix its singular values and sorted |S|.
 
-        `values=False`, under rpca.method none: only the candidates' counts (no singular component; one
+        `values=False`, under stage1 weights: only the candidates' counts (no singular component; one
         entry per weight), as 'meta' tensors that hold no data, read from the checkpoint's headers. The
         allocators that decide per-matrix budgets (uniform, owl, CAP's budget policy) need nothing more;
         sorting every |weight| in float64 would cost ~56 GB and minutes at 8B. Reading a value of such a

@@ -44,8 +44,8 @@ def _stage_patterns(rec: dict) -> dict[str, str]:
         pats["calibrate"] = ""
     else:
         target = rec["comp_key"]
-        if rec.get("rpca_key"):
-            pats["decompose"] = f"bench/decompose/{mk}/{rec['rpca_key']}/layer_*.tsv"
+        if rec.get("stage1_key"):
+            pats["decompose"] = f"bench/decompose/{mk}/{rec['stage1_key']}/layer_*.tsv"
         if rec.get("realise_key"):
             pats["activations"] = f"bench/activations/{mk}/{rec['stats_key']}.tsv"
             pats["realise"] = f"bench/realise/{rec['realise_key']}/layer_*.tsv"

@@ -23,10 +23,9 @@ statistics), `alloc` (results/alloc), `realise` (results/realise: CAP's realised
 record no conditions (older files; stats and realise files so far) are recomputed under this
 process's conditions and, where their bytes differ, compared numerically.
 
-Under `rpca.method: none` a run writes no Stage-1 file (glrs.stage1): there is nothing of kind
+Under `stage1: weights` a run writes no Stage-1 file (glrs.stage1): there is nothing of kind
 `rpca` to check; an allocation records which source it read (`inputs.stage1`: files or weights) and
-is recomputed from the same, and a selected compressed model whose Stage-1 files are absent is
-recomputed from the model's weights when it records `pool=none` in its variant.
+is recomputed from the same, as is a compressed model (its info.json records `stage1`).
 """
 from __future__ import annotations
 
@@ -157,8 +156,8 @@ def _check_alloc(results: Path, path: Path, out: Path) -> dict:
     info = json.loads(path.read_text())
     recorded = info.get("conditions")
     keys = info.get("inputs") or _alloc_inputs_from_models(results, path.stem)
-    if keys is None:
-        return _skipped("it records no inputs (made by an older glrs) and no compressed model names it")
+    if keys is None or "stage1_key" not in keys:
+        return _skipped("it records no Stage-1 key (made by an older glrs) and no compressed model names one")
     stage1, rpca_files = _stage1(results, keys)
     model_dir = results / "model" / keys["model_key"]
     calib = results / "calib" / keys["model_key"] / f"{keys['calib_key']}.safetensors" if keys.get("calib_key") else None
@@ -236,33 +235,21 @@ def _check_realise(results: Path, path: Path, out: Path) -> dict:
 
 
 def _stage1(results: Path, keys: dict) -> tuple[Stage1, list[Path]]:
-    """The Stage 1 an allocation or a compressed model was made from (`keys`: model_key, rpca_key, layers,
-    and `stage1`, the source an allocation records: "files" or "weights"), and the Stage-1 files it needs
-    (none when it is split from the weights). Without `stage1` (a compressed model's info, an older
-    allocation): its decompose files when they are there; else, if a compressed model of that Stage-1
-    key says it was made under rpca.method none (variant `pool=none`), the weights."""
-    files = [results / "rpca" / keys["model_key"] / keys["rpca_key"] / f"layer_{i}.safetensors" for i in keys["layers"]]
+    """The Stage 1 an allocation or a compressed model was made from (`keys`: model_key, stage1_key, layers,
+    and `stage1`: "weights" (split in memory, no file) or "files"/"rpca" (the decompose files)), and the
+    Stage-1 files it needs."""
     model_dir = results / "model" / keys["model_key"]
-    source = keys.get("stage1")
-    if source == "weights" or (source is None and not all(p.exists() for p in files)
-                               and _split_from_weights(results, keys["rpca_key"])):
-        return Stage1.from_weights(model_dir, keys["layers"], keys["rpca_key"]), []
+    if keys.get("stage1") == "weights":
+        return Stage1.from_weights(model_dir, keys["layers"], keys["stage1_key"]), []
+    files = [results / "rpca" / keys["model_key"] / keys["stage1_key"] / f"layer_{i}.safetensors" for i in keys["layers"]]
     return Stage1.from_files(files), files
-
-
-def _split_from_weights(results: Path, rpca_key: str) -> bool:
-    for info_file in results.glob("compressed/*/info.json"):
-        info = json.loads(info_file.read_text())
-        if info.get("rpca_key") == rpca_key and "pool=none" in str(info.get("variant", "")).split():
-            return True
-    return False
 
 
 def _alloc_inputs_from_models(results: Path, alloc_key: str) -> dict | None:
     for info_file in results.glob("compressed/*/info.json"):
         info = json.loads(info_file.read_text())
         if info.get("alloc_key") == alloc_key:
-            return {"model_key": info["model_key"], "rpca_key": info["rpca_key"], "layers": info["layers"]}
+            return {k: info[k] for k in ("model_key", "stage1_key", "layers", "stage1")}
     return None
 
 
@@ -283,6 +270,8 @@ def _check_compressed(results: Path, path: Path, out: Path) -> dict:
         with conditions.pinned_threads(_threads(recorded)):
             pipeline.materialise_realised(str(model_dir), [str(p) for p in realised], str(alloc_json), info, str(out))
     elif info["method"] == "cap":
+        if "stage1_key" not in info:
+            return _skipped("it records no Stage-1 key (made by an older glrs)")
         stage1, rpca_files = _stage1(results, info)
         alloc_json, masks = results / "alloc" / f"{info['alloc_key']}.json", results / "alloc" / f"{info['alloc_key']}.safetensors"
         missing = [str(p) for p in [model_dir, *rpca_files, alloc_json] if not p.exists()]

@@ -165,7 +165,7 @@ def matrices(pools, modules, factors, blocks) -> list[_Matrix]:
 def _read_factors(stage1_in, pools: list[MatrixPool], space: str,
                   device: torch.device, offload: bool) -> dict[str, dict[str, torch.Tensor]]:
     """The parts of every pool's Stage-1 factors that `space` composes W~ from, by matrix name, from a
-    glrs.stage1.Stage1 (the decompose files, or the weights under rpca.method none) or a list of files."""
+    glrs.stage1.Stage1 (the decompose files, or the weights under stage1 weights) or a list of files."""
     from ..stage1 import Stage1
 
     stage1 = Stage1.of(stage1_in)

@@ -49,7 +49,7 @@ def _slurm_unavailable() -> str | None:
 
 def tiny_config(workdir: Path, model: Path) -> None:
     """CAP's default (learned Stage 2, no RPCA, per-layer refit) and one baseline (Wanda), short schedules."""
-    write_config(workdir, model, methods=["cap", "wanda"], allocators=["cap"], rpca={"method": "none"},
+    write_config(workdir, model, methods=["cap", "wanda"], allocators=["cap"], stage1="weights",
                  evaluation={"zeroshot": {"tasks": []}}, plots={"spectra_layers": [0]})
 
 

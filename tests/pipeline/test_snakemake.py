@@ -31,8 +31,8 @@ def write_config(workdir: Path, model: Path, **overrides) -> Path:
     cfg.update(
         model=str(model), device="cpu", methods=["cap"], target_density=[0.5], allocators=["uniform"],
         # These tests are about Stage 1 (one RPCA job per layer, its bytes, its keys): the real RPCA,
-        # whatever the default rpca.method is (none: the trivial split L = 0, S = W).
-        rpca=dict(BASE_CONFIG["rpca"], method="ialm", tol=1e-5, max_iter=200),
+        # whatever the default stage1 is (weights: the trivial split L = 0, S = W).
+        stage1="rpca", rpca=dict(BASE_CONFIG["rpca"], tol=1e-5, max_iter=200),
         calibration={"dataset": "pydoc", "nsamples": 4, "seqlen": 64},
         evaluation={"datasets": ["pydoc"], "seqlen": 128, "max_tokens": 1024,
                     "zeroshot": {"tasks": ["glrs_nextsent"], "limit": 5}},
@@ -166,8 +166,8 @@ def test_rpca_parameter_change_is_new_keys_and_revert_is_free(workdir, tiny_llam
     assert not set(planned_jobs(workdir)) & HEAVY
 
 
-def test_rpca_method_none_plans_no_stage1_and_switching_back_is_free(workdir, tiny_llama_dir):
-    """The default rpca.method none has no decompose job and writes nothing under results/rpca/: its
+def test_stage1_weights_plans_no_stage1_and_switching_back_is_free(workdir, tiny_llama_dir):
+    """The default stage1 weights has no decompose job and writes nothing under results/rpca/: its
     consumers split the model's weights in memory (glrs.stage1). Its CAP runs are complete, realised
     (refit) and selected (the kept candidates of S = W); verify recomputes their allocations from the
     weights; back to ialm, everything is found again."""
@@ -177,23 +177,23 @@ def test_rpca_method_none_plans_no_stage1_and_switching_back_is_free(workdir, ti
         return {p for d in ("rpca", "bench/decompose", "logs/decompose") for p in res.glob(f"{d}/**/*")}
 
     before = stage1_traces()
-    write_config(workdir, tiny_llama_dir, target_density=[0.3], rpca={"method": "none"})
+    write_config(workdir, tiny_llama_dir, target_density=[0.3], stage1="weights")
     jobs = planned_jobs(workdir)
     assert "decompose" not in jobs and "activations" not in jobs and "prepare_model" not in jobs
     assert jobs["allocate"] == jobs["materialise_realised"] == 1 and "plot_spectra" in jobs
     snakemake(workdir)
     assert not set(planned_jobs(workdir)) & HEAVY
-    write_config(workdir, tiny_llama_dir, target_density=[0.3], rpca={"method": "none"}, realise={"mode": "select"})
+    write_config(workdir, tiny_llama_dir, target_density=[0.3], stage1="weights", realise={"mode": "select"})
     jobs = planned_jobs(workdir)
     # the same allocation (its key does not depend on realise.mode), its kept candidates materialised
     assert "decompose" not in jobs and "allocate" not in jobs and jobs["materialise"] == 1
     snakemake(workdir)
     assert stage1_traces() == before  # nothing written under results/rpca/, no decompose job ran
     infos = [json.loads(i.read_text()) for i in res.glob("compressed/*/info.json")]
-    none = [i for i in infos if "pool=none" in i["variant"].split()]
+    none = [i for i in infos if "stage1=weights" in i["variant"].split()]
     assert {i["variant"].split()[-1] for i in none} == {"realise=refit", "realise=select"}
     assert float(next(r for r in csv.DictReader((res / "summary.csv").open())
-                      if r["method"] == "cap" and r["variant"] == "pool=none realise=select")["achieved_density"]) > 0.29
+                      if r["method"] == "cap" and r["variant"] == "stage1=weights realise=select")["achieved_density"]) > 0.29
     proc = subprocess.run([sys.executable, "-m", "glrs", "verify", "--results", str(res), "--sample", "20",
                            "--kinds", "alloc", "compressed"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -206,9 +206,9 @@ def test_rpca_method_none_plans_no_stage1_and_switching_back_is_free(workdir, ti
 
 
 def test_default_config_plans_no_decompose_job(tmp_path):
-    """config/config.yaml as it is (rpca.method none): no decompose job, the spectra plot still drawn."""
+    """config/config.yaml as it is (stage1 weights): no decompose job, the spectra plot still drawn."""
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(BASE_CONFIG))
-    assert BASE_CONFIG["rpca"]["method"] == "none"
+    assert BASE_CONFIG["stage1"] == "weights"
     jobs = planned_jobs(tmp_path)
     assert "decompose" not in jobs and "plot_spectra" in jobs and jobs["allocate"] == len(BASE_CONFIG["allocators"])
 

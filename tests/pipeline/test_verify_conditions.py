@@ -32,7 +32,7 @@ def _config(workdir: Path, model: Path) -> None:
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg.update(
         model=str(model), device="cpu", methods=["cap", "magnitude"], target_density=[0.5], allocators=["uniform"],
-        rpca=dict(cfg["rpca"], method="ialm", tol=1e-5, max_iter=200),  # the real RPCA (issue 13), not the default none
+        stage1="rpca", rpca=dict(cfg["rpca"], tol=1e-5, max_iter=200),  # the real RPCA (issue 13), not the default weights
         calibration={"dataset": "pydoc", "nsamples": 2, "seqlen": 32},
         evaluation={"datasets": ["pydoc"], "seqlen": 64, "max_tokens": 128, "zeroshot": {"tasks": []}},
         plots={"spectra_layers": [0]},
@@ -84,7 +84,7 @@ def test_outputs_record_their_conditions(results):
     assert {"torch", "blas", "lapack", "cpu_capability", "cpu_flags"} <= set(cond)
     alloc = json.loads(next(results.glob("alloc/*.json")).read_text())
     assert alloc["conditions"]["threads"] == JOB_THREADS
-    assert set(alloc["inputs"]) == {"model_key", "rpca_key", "layers", "stage1"} and alloc["inputs"]["stage1"] == "files"
+    assert set(alloc["inputs"]) == {"model_key", "stage1_key", "layers", "stage1"} and alloc["inputs"]["stage1"] == "files"
     comps = list(results.glob("compressed/*/conditions.json"))
     assert len(comps) == 2 and all(json.loads(c.read_text())["threads"] == JOB_THREADS for c in comps)
     with safe_open(str(next(results.glob("calib/*/*.safetensors"))), framework="pt") as f:

@@ -107,7 +107,7 @@ def cap_default_ratio(model_dir, work) -> tuple[float, float, dict]:
     return ppl["dense"], ppl["cap"], info
 
 
-# CAP's default (rpca.method none, budget policy, realise refit) at density 0.5 on layers 0-3 of the
+# CAP's default (stage1 weights, budget policy, realise refit) at density 0.5 on layers 0-3 of the
 # embedded model (28 of its 210 target matrices), one Stage-2 step of 4 mirrored pairs on 4 x 256 pydoc
 # calibration tokens, seed 0, perplexity on the smoke text (2 windows of 1024 tokens). Measured on the
 # CPU (2 cores, torch 2.x): dense 13.547, CAP 14.886, ratio 1.099 (~2 min with another job on the cores).

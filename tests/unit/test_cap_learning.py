@@ -177,7 +177,7 @@ def test_budget_policy_samples_reach_the_loss_and_offsets_reach_the_budgets(tiny
 
 
 def test_learned_budgets_are_what_the_realisation_spends(tiny, tmp_path):
-    """The default path end to end up to the realisation's input: Stage 1 split in memory (rpca.method
+    """The default path end to end up to the realisation's input: Stage 1 split in memory (stage1
     none), the budget policy through pipeline.run_allocator, and the per-matrix budgets that
     glrs.realise reads back from the allocation file are the learned theta's (times offset_scale),
     recomputed here, not the uniform ones."""

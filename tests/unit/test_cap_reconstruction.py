@@ -2,7 +2,7 @@
 matrices of the relative output error of a mask sample on the dense model's calibration inputs.
 
 On the tiny random Llama of tests/conftest.py (2 layers, hidden 32), decomposed by the real Stage 1 (RPCA)
-or split as L = 0, S = W (rpca.method none), with the real activations job's H files, on the CPU."""
+or split as L = 0, S = W (stage1 weights), with the real activations job's H files, on the CPU."""
 from __future__ import annotations
 
 import copy

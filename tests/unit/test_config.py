@@ -56,12 +56,12 @@ def test_every_cap_setting_with_its_default_passes_the_schema(default):
 
 
 def test_nested_command_line_values_are_typed_as_yaml():
-    """`snakemake --config 'rpca={method: none, lambda_scale: 2}'` hands the numbers over as strings."""
+    """`snakemake --config 'rpca={lambda_scale: 2, max_iter: 300}'` hands the numbers over as strings."""
     cfg = config.load()
-    cfg["rpca"] = {"method": "none", "lambda_scale": "2", "max_iter": "300"}
+    cfg["rpca"] = {"lambda_scale": "2", "max_iter": "300"}
     cfg["realise"] = {"damp": "0.02"}
     out = config.validate(cfg)
-    assert out["rpca"] == {"method": "none", "lambda_scale": 2, "max_iter": 300} and out["realise"]["damp"] == 0.02
+    assert out["rpca"] == {"lambda_scale": 2, "max_iter": 300} and out["realise"]["damp"] == 0.02
 
 
 def test_schema_and_modules_name_the_same_settings():
@@ -76,3 +76,10 @@ def test_schema_and_modules_name_the_same_settings():
     assert set(props["rpca"]["properties"]) == set(rpca.DEFAULTS)
     assert set(props["realise"]["properties"]) == set(realise.DEFAULTS) | {"sparsity"}
     assert set(schema["$defs"]["cap_params"]["properties"]) == set(cap.ALLOC_PARAMS_DEFAULTS) | set(cap.OPTIONAL)
+
+
+def test_the_former_rpca_method_names_its_replacement(default):
+    cfg = copy.deepcopy(default)
+    cfg["rpca"] = {"method": "none"}
+    with pytest.raises(GlrsError, match="stage1: weights"):
+        config.validate(cfg)

@@ -22,23 +22,23 @@ from glrs import (allocate, compressed, config as glrs_config, data, evaluate, m
 SEVERAL = ["refit", "wanda", "sparsegpt"]  # realise.mode as a list: every allocation realised by each
 
 
-@pytest.fixture(scope="module", params=[("refit", "none"), ("select", "none"), ("select", "ialm"), ("wanda", "none"),
-                                        (SEVERAL, "none")],
-                ids=["refit-none", "select-none", "select-ialm", "wanda-none", "several-none"])
+@pytest.fixture(scope="module", params=[("refit", "weights"), ("select", "weights"), ("select", "rpca"),
+                                        ("wanda", "weights"), (SEVERAL, "weights")],
+                ids=["refit-weights", "select-weights", "select-rpca", "wanda-weights", "several-weights"])
 def base_config(tiny_llama_dir, request):
     cfg = glrs_config.load()
     cfg |= {"model": str(tiny_llama_dir), "layers": "all", "methods": ["cap", "wanda"],
             "allocators": ["uniform", "cap", "owl"], "target_density": [0.4, 0.5]}
-    # CAP runs realised (refit) or materialised from the kept candidates; Stage 1 none (no files) or RPCA
+    # CAP runs realised (refit) or materialised from the kept candidates; Stage 1 the weights (no files) or RPCA
     cfg["realise"] = {"mode": request.param[0]}
-    cfg["rpca"] = dict(cfg["rpca"], method=request.param[1])
+    cfg["stage1"] = request.param[1]
     cfg["evaluation"]["zeroshot"]["tasks"] = ["glrs_cloze"]
     return cfg
 
 
 def nodes(p: glrs_plan.Plan) -> dict[str, str]:
     """Every key and path of the plan, by the stage output it names."""
-    out = {"model": p.model_key, "model_dir": p.model_dir, "rpca": p.rpca_key, "rpca_files": "|".join(p.rpca_files),
+    out = {"model": p.model_key, "model_dir": p.model_dir, "rpca": p.stage1_key, "rpca_files": "|".join(p.rpca_files),
            "calib": p.calib_key, "calib_file": p.calib_file, "zeroshot": p.zeroshot_key,
            "stats": p.stats_key, "stats_files": "|".join(p.stats_files)}
     for ds, key in p.eval_keys.items():
@@ -61,7 +61,7 @@ def nodes(p: glrs_plan.Plan) -> dict[str, str]:
 
 
 def downstream(p: glrs_plan.Plan) -> dict[str, set[str]]:
-    """Direct successors of each node (docs/design.md section 3). Under rpca.method none there are no Stage-1
+    """Direct successors of each node (docs/design.md section 3). Under stage1 weights there are no Stage-1
     files (their consumers split the weights): the Stage-1 key still reaches every allocation."""
     ds_list = list(p.eval_keys)
     files = {"rpca_files"} if p.rpca_files else set()
@@ -124,7 +124,9 @@ def _modes(cfg) -> list[str]:
 # (what is changed, how, the nodes it reaches first)
 VERSION_CHANGES = [
     ("model", modelio, "PREPARE_VERSION", lambda p: {"model"}),
-    ("rpca", rpca, "RPCA_VERSION", lambda p: {"rpca"}),
+    # the Stage-1 key: RPCA's code version where RPCA runs, the weights' split's otherwise
+    ("rpca", rpca, "RPCA_VERSION", lambda p: {"rpca"} if p.stage1 == "rpca" else set()),
+    ("stage1", "glrs.stage1", "WEIGHTS_VERSION", lambda p: {"rpca"} if p.stage1 == "weights" else set()),
     ("calib", data, "DATA_VERSION", lambda p: {"calib"}),
     ("alloc", allocate, "ALLOC_VERSION", lambda p: {f"alloc:{r.label}" for r in p.cap_runs}),
     ("cap", "glrs.cap", "CAP_VERSION", lambda p: {f"alloc:{r.label}" for r in p.cap_runs if r.allocator == "cap"}),
@@ -160,7 +162,7 @@ def test_code_version_reaches_exactly_its_downstream(stage, module, attr, roots,
 PARAM_CHANGES = [
     ("dtype", "dtype", "bfloat16",
      lambda p: {"model", "zeroshot"} | {f"eval:{d}" for d in p.eval_keys}),  # the model's dtype is also the evaluation's
-    ("rpca.tol", "rpca.tol", 1e-5, lambda p: {"rpca"}),
+    ("rpca.tol", "rpca.tol", 1e-5, lambda p: {"rpca"} if p.stage1 == "rpca" else set()),  # no key where RPCA does not run
     ("calibration.nsamples", "calibration.nsamples", 16, lambda p: {"calib"}),
     ("seed", "seed", 1, lambda p: {"calib", "zeroshot"} | {f"alloc:{r.label}" for r in p.cap_runs}
      | {f"comp:{r.label}" for r in p.baseline_runs}),
@@ -205,15 +207,15 @@ def test_density_sweep_shares_everything_upstream_of_allocation(base_config):
     assert len(after) > len(before)
 
 
-def test_rpca_method_none_plans_no_stage1_files(base_config):
-    """Under none nothing asks for a Stage-1 file: the allocation reads the model, and every consumer is
-    told to split the weights; under ialm they read the decompose files."""
+def test_stage1_weights_plans_no_stage1_files(base_config):
+    """Under stage1 weights nothing asks for a Stage-1 file: the allocation reads the model, and every consumer
+    is told to split the weights; under rpca they read the decompose files."""
     p = glrs_plan.make_plan(copy.deepcopy(base_config))
     run = p.cap_runs[0]
-    if p.rpca_params["method"] == "none":
+    if p.stage1 == "weights":
         assert p.splits_weights and p.rpca_files == [] and p.spectra_files == []
         assert p.allocate_inputs(run.alloc_key)["model"] == p.model_dir and "rpca" not in p.allocate_inputs(run.alloc_key)
-        assert p.stage1_args() == f"--split-layers {' '.join(map(str, p.layers))} --rpca-key {p.rpca_key}"
+        assert p.stage1_args() == f"--split-layers {' '.join(map(str, p.layers))} --stage1-key {p.stage1_key}"
     else:
         assert not p.splits_weights and len(p.rpca_files) == len(p.layers)
         assert p.allocate_inputs(run.alloc_key)["rpca"] == p.rpca_files
@@ -316,7 +318,7 @@ def test_several_realisers_are_the_union_of_single_ones(base_config):
     ones a config naming it alone plans, the allocations are shared, and the variant (info.json, summary.csv)
     names the realiser."""
     cfg = copy.deepcopy(base_config)
-    if "select" in _modes(cfg) or cfg["rpca"]["method"] != "none":
+    if "select" in _modes(cfg) or cfg["stage1"] != "weights":
         return
     cfg["realise"]["mode"] = SEVERAL
     several = glrs_plan.make_plan(copy.deepcopy(cfg))
@@ -343,7 +345,7 @@ def test_several_realisers_are_the_union_of_single_ones(base_config):
 
 def test_pruning_realisers_take_24_and_select_does_not(base_config):
     cfg = copy.deepcopy(base_config)
-    if cfg["rpca"]["method"] != "none":
+    if cfg["stage1"] != "weights":
         return
     cfg["target_density"] = [0.5]
     cfg["realise"] = {"mode": ["wanda", "sparsegpt"], "sparsity": "2:4"}

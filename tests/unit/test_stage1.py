@@ -1,4 +1,4 @@
-"""glrs.stage1: under rpca.method none the consumers split the weights in memory instead of reading a
+"""glrs.stage1: under stage1 weights the consumers split the weights in memory instead of reading a
 decompose file, and get the same candidates, bit for bit; so an allocation and a compressed model made
 without Stage-1 files have the bytes of one made from them."""
 from __future__ import annotations
@@ -24,8 +24,8 @@ LAYERS = [0, 1, 2]
 
 @pytest.fixture(scope="module")
 def both(tiny_prepared, tmp_path_factory):
-    """The tiny Llama's Stage 1 under rpca.method none twice: the decompose jobs' files (as the pipeline
-    lays them out: rpca/<model_key>/<rpca_key>/layer_<i>.safetensors) and the in-memory split."""
+    """The tiny Llama's Stage 1 under stage1 weights twice: the decompose jobs' files (as the pipeline
+    lays them out: rpca/<model_key>/<stage1_key>/layer_<i>.safetensors) and the in-memory split."""
     root = tmp_path_factory.mktemp("stage1")
     model_key = Path(tiny_prepared).name
     files = []
@@ -82,7 +82,7 @@ def test_pools_and_cap_factors_from_the_weights_equal_those_from_the_files(both)
 
 @pytest.mark.parametrize("allocator", ["uniform", "rpca-threshold"])
 def test_allocation_and_selected_model_are_byte_identical_without_the_files(both, tiny_prepared, tmp_path, allocator):
-    """realise.mode select under rpca.method none: allocate, then materialise the kept candidates of S = W."""
+    """realise.mode select under stage1 weights: allocate, then materialise the kept candidates of S = W."""
     from_files, from_weights, _ = both
     out = {}
     for name, source in (("files", from_files), ("weights", from_weights)):
@@ -96,7 +96,7 @@ def test_allocation_and_selected_model_are_byte_identical_without_the_files(both
                      if p.is_file() and p.name != "a.json"} | {"a.json": _without_source(d / "a.json")}
     assert out["weights"] == out["files"]
     info = json.loads((tmp_path / "weights" / "a.json").read_text())
-    assert info["inputs"] == {"model_key": Path(tiny_prepared).name, "rpca_key": RPCA_KEY, "layers": LAYERS,
+    assert info["inputs"] == {"model_key": Path(tiny_prepared).name, "stage1_key": RPCA_KEY, "layers": LAYERS,
                               "stage1": "weights"}
     assert json.loads((tmp_path / "files" / "a.json").read_text())["inputs"]["stage1"] == "files"
     assert abs(info["achieved_density"] - 0.5) < 1e-3
@@ -128,7 +128,7 @@ def test_cli_splits_the_weights_and_names_what_is_missing(both, tiny_prepared, t
     proc = glrs("allocate", "--split-layers", "0", "1", "2", "--allocator", "uniform", "--density", "0.5",
                 "--model-dir", str(tiny_prepared), "--json-out", str(tmp_path / "a.json"),
                 "--masks-out", str(tmp_path / "a.safetensors"))
-    assert proc.returncode == 2 and "--rpca-key" in proc.stderr
+    assert proc.returncode == 2 and "--stage1-key" in proc.stderr
     proc = glrs("materialise", "--split-layers", "0", "--masks", "x", "--alloc-json", "y", "--out", "z")
     assert proc.returncode != 0 and "--model-dir" in proc.stderr
     proc = glrs("plot-spectra", "--model-dir", str(tiny_prepared), "--split-layers", "0", "2",
@@ -145,7 +145,7 @@ def test_a_missing_model_is_a_clear_error(tmp_path):
 
 
 def test_budget_only_pools_count_the_candidates_without_reading_a_weight(both, monkeypatch):
-    """pools(values=False) under rpca.method none: the same names, shapes and counts as the full pools, from the
+    """pools(values=False) under stage1 weights: the same names, shapes and counts as the full pools, from the
     checkpoint's headers (no weight read, no sort; ~56 GB of float64 at 8B), and no value to misuse."""
     from glrs import modelio
 

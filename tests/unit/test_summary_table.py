@@ -187,7 +187,7 @@ def test_realisers_of_one_allocation_are_rows_of_their_own(tmp_path, capsys):
     """realise.mode [wanda, sparsegpt]: one allocation spent by two realisers gives two rows, told apart by the
     variant column (which names the realiser), each realiser's rows together."""
     header = summary.ID_COLUMNS + ["ppl_pydoc"]
-    rows = [{"model": "m", "method": "cap", "allocator": a, "variant": f"pool=none realise={r}", "target_density": d,
+    rows = [{"model": "m", "method": "cap", "allocator": a, "variant": f"stage1=weights realise={r}", "target_density": d,
              "achieved_density": d, "ppl_pydoc": 20.0 + i}
             for i, (a, r, d) in enumerate([("uniform", "wanda", 0.6), ("uniform", "sparsegpt", 0.5),
                                            ("uniform", "wanda", 0.5), ("uniform", "sparsegpt", 0.6)])]
@@ -198,7 +198,7 @@ def test_realisers_of_one_allocation_are_rows_of_their_own(tmp_path, capsys):
         writer.writerows(rows)
     table = _table_rows(_glrs(capsys, str(path)))
     col = table[0].index("variant")
-    assert [(r[col], r[col + 1]) for r in table[1:]] == [("pool=none realise=sparsegpt", "0.5"),
-                                                         ("pool=none realise=sparsegpt", "0.6"),
-                                                         ("pool=none realise=wanda", "0.5"),
-                                                         ("pool=none realise=wanda", "0.6")]
+    assert [(r[col], r[col + 1]) for r in table[1:]] == [("stage1=weights realise=sparsegpt", "0.5"),
+                                                         ("stage1=weights realise=sparsegpt", "0.6"),
+                                                         ("stage1=weights realise=wanda", "0.5"),
+                                                         ("stage1=weights realise=wanda", "0.6")]

@@ -1,5 +1,5 @@
 # Stage 2: one job per (allocator, density) gathers every layer's factors and spends one global budget.
-# Under rpca.method none it reads no Stage-1 file: it splits the model's weights itself (glrs.stage1).
+# Under stage1 weights it reads no Stage-1 file: it splits the model's weights itself (glrs.stage1).
 # The .json holds the per-matrix budgets (rank and sparse entries) that realisers spend; the per-candidate
 # keep-masks (.safetensors) are written only where realise.mode select materialises them.
 

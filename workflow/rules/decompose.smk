@@ -1,5 +1,5 @@
 # Stage 1: one independent RPCA job per transformer layer. Each job reads only its layer.
-# Planned only for rpca.method ialm: under none (the default) nothing asks for these files (PLAN.rpca_files
+# Planned only for stage1 rpca: under stage1: weights (the default) nothing asks for these files (PLAN.rpca_files
 # is empty) and each consumer splits the weights in memory (glrs.stage1), so the run has no decompose job.
 # `gpu=1` lets `--resources gpu=K` bound concurrent GPU jobs; without that flag it constrains nothing.
 
@@ -10,7 +10,7 @@ rule decompose:
     input:
         PLAN.model_dir,
     output:
-        f"{RESULTS}/rpca/{PLAN.model_key}/{PLAN.rpca_key}/layer_{{layer}}.safetensors",
+        f"{RESULTS}/rpca/{PLAN.model_key}/{PLAN.stage1_key}/layer_{{layer}}.safetensors",
     wildcard_constraints:
         layer=r"\d+",
     params:
@@ -20,9 +20,9 @@ rule decompose:
     resources:
         gpu=1,
     log:
-        f"{RESULTS}/logs/decompose/{PLAN.model_key}/{PLAN.rpca_key}/layer_{{layer}}.log",
+        f"{RESULTS}/logs/decompose/{PLAN.model_key}/{PLAN.stage1_key}/layer_{{layer}}.log",
     benchmark:
-        f"{RESULTS}/bench/decompose/{PLAN.model_key}/{PLAN.rpca_key}/layer_{{layer}}.tsv"
+        f"{RESULTS}/bench/decompose/{PLAN.model_key}/{PLAN.stage1_key}/layer_{{layer}}.tsv"
     shell:
         "python -m glrs decompose --model-dir {input} --layer {wildcards.layer} --params {params.rpca} "
         "--device {params.device} --threads {threads} --out {output} > {log} 2>&1"

@@ -1,7 +1,7 @@
 # The compressed model in glrs's compact format (glrs/compressed.py, docs/format.md): low rank + sparse values with a
 # bitmask or 16-bit column support; a dense Hugging Face export under hf/ only with `export: dense`.
 # `materialise` keeps the selected Stage-1 candidates (realise.mode select): from the Stage-1 files, or
-# under rpca.method none from the model's weights split in memory (no Stage-1 file is an input then).
+# under stage1 weights from the model's weights split in memory (no Stage-1 file is an input then).
 
 
 rule materialise:

@@ -1,5 +1,5 @@
-# Figures: the allocation (layer x matrix heat maps), the RPCA spectra (W vs L; W alone under rpca.method
-# none, which has no L and no Stage-1 file), perplexity and zero-shot
+# Figures: the allocation (layer x matrix heat maps), the RPCA spectra (W vs L; W alone under stage1:
+# weights, which has no L and no Stage-1 file), perplexity and zero-shot
 # accuracy vs density per method (from the summary), stage wall times (from the benchmarks); and the
 # provenance (software versions, effective config) that the report shows next to them.
 
