@@ -253,18 +253,25 @@ def prepare_model(spec: str, out_dir: str | os.PathLike, dtype: str = "float32",
         tokenizer.save_pretrained(tmp)
         probe = check_tokenizer(AutoTokenizer.from_pretrained(tmp), spec)
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
-        manifest = {
-            "spec": spec,
-            "source_kind": source.kind,
-            "source_key": source.key,
-            "model_type": source.model_type,
-            "num_layers": source.num_layers,
-            "dtype": dtype,
-            "targets": {s: list(model.get_submodule(f"model.layers.0.{p}").weight.shape) for s, p in TARGETS.items()},
-            "fingerprint": checkpoint_fingerprint(tmp),
-            "tokenizer_probe": probe,
-        }
-        cas.write_json_atomic(Path(tmp) / MANIFEST, manifest)
+        targets = {s: list(model.get_submodule(f"model.layers.0.{p}").weight.shape) for s, p in TARGETS.items()}
+        manifest = _write_manifest(tmp, spec, source, dtype, targets, probe)
+    return manifest
+
+
+def _write_manifest(tmp, spec: str, source, dtype: str, targets: dict, probe, **extra) -> dict:
+    """The prepared directory's record (glrs_manifest.json): its source, shapes and fingerprint."""
+    manifest = {
+        "spec": spec,
+        "source_kind": source.kind,
+        "source_key": source.key,
+        "model_type": source.model_type,
+        "num_layers": source.num_layers,
+        "dtype": dtype,
+        "targets": targets,
+        "fingerprint": checkpoint_fingerprint(tmp),
+        "tokenizer_probe": probe,
+    } | extra
+    cas.write_json_atomic(Path(tmp) / MANIFEST, manifest)
     return manifest
 
 
@@ -323,19 +330,8 @@ def _prepare_linked(spec: str, source: ModelSource, shards: list[str], out_dir, 
             name = f"model.layers.0.{path}.weight"
             with _open(Path(tmp) / wmap[name]) as f:
                 targets[short] = list(f.get_slice(name).get_shape())
-        manifest = {
-            "spec": spec,
-            "source_kind": source.kind,
-            "source_key": source.key,
-            "model_type": source.model_type,
-            "num_layers": source.num_layers,
-            "dtype": dtype,
-            "targets": targets,
-            "fingerprint": checkpoint_fingerprint(tmp),
-            "tokenizer_probe": probe,
-            "weights": "hard-linked from the source" if linked else "copied from the source file by file",
-        }
-        cas.write_json_atomic(Path(tmp) / MANIFEST, manifest)
+        manifest = _write_manifest(tmp, spec, source, dtype, targets, probe,
+                                   weights="hard-linked from the source" if linked else "copied from the source file by file")
     return manifest
 
 
