@@ -1,7 +1,6 @@
 # glrs: CAP (arXiv 2505.03801) as a content-addressed pipeline. docs/design.md section 3 draws the DAG.
 # The whole plan (every key and path) is computed from the config before any job runs.
 import os
-import shlex
 import sys
 
 sys.path.insert(0, workflow.basedir)

@@ -13,6 +13,7 @@ only under `stage1: rpca`, where RPCA runs.
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, field
 
 from . import allocate, cap, cas, compressed, data, evaluate, modelio, realise, rpca, stage1, stats
@@ -166,6 +167,22 @@ class Plan:
     def calibration_dataset(self, target: str) -> str:
         """The calibration source behind a model under test; '' for the dense model, which saw none."""
         return "" if target == self.dense_target else self.calib_params["dataset"]
+
+    def calibration_arg(self, target: str) -> str:
+        """An evaluation job's --calibration-dataset (its record names that text); none for the dense model."""
+        dataset = self.calibration_dataset(target)
+        return f"--calibration-dataset {shlex.quote(dataset)}" if dataset else ""
+
+    def allocate_command(self, alloc_key: str, inputs, outputs) -> str:
+        """One allocation job's command line; --masks-out only where the rule declares the masks output."""
+        run = self.run_by_alloc_key(alloc_key)
+        calib = (f"--model-dir {inputs.model} " if "model" in inputs.keys() else "") + (
+            f"--calib {inputs.calib} " if "calib" in inputs.keys() else "") + (
+            f"--stats {' '.join(inputs.stats)}" if "stats" in inputs.keys() else "")
+        masks = f"--masks-out {outputs.masks} " if "masks" in outputs.keys() else ""
+        return (f"python -m glrs allocate {self.stage1_args()} --allocator {run.allocator} --density {run.density} "
+                f"--params {shell_json(run.params)} --seed {self.config['seed']} {calib} --device {self.config['device']} "
+                f"--json-out {outputs.json} {masks}")
 
     def dataset_by_safe_name(self, safe: str) -> str:
         return next(d for d in self.eval_keys if safe_name(d) == safe)

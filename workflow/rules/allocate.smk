@@ -4,17 +4,6 @@
 # keep-masks (.safetensors) are written only where realise.mode select materialises them.
 
 
-def allocate_command(wc, input, output):
-    run = PLAN.run_by_alloc_key(wc.alloc_key)
-    calib = (f"--model-dir {input.model} " if "model" in input.keys() else "") + (
-        f"--calib {input.calib} " if "calib" in input.keys() else "") + (
-        f"--stats {' '.join(input.stats)}" if "stats" in input.keys() else "")
-    masks = f"--masks-out {output.masks} " if "masks" in output.keys() else ""
-    return (f"python -m glrs allocate {PLAN.stage1_args()} --allocator {run.allocator} --density {run.density} "
-            f"--params {shell_json(run.params)} --seed {config['seed']} {calib} --device {config['device']} "
-            f"--json-out {output.json} {masks}")
-
-
 rule allocate:
     priority: 30  # CAP's critical path first (see calibrate)
     conda:
@@ -26,7 +15,7 @@ rule allocate:
     wildcard_constraints:
         alloc_key=key_pattern(PLAN.budget_alloc_keys),
     params:
-        command=allocate_command,
+        command=lambda wc, input, output: PLAN.allocate_command(wc.alloc_key, input, output),
     resources:
         gpu=1,
     log:

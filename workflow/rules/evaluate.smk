@@ -3,12 +3,6 @@
 # text (its own file; glrs/data.py, docs/design.md section 8), where settings are chosen.
 
 
-def calibration_arg(target):
-    """--calibration-dataset of a compressed model (its record names that calibration text); none for the dense model."""
-    dataset = PLAN.calibration_dataset(target)
-    return f"--calibration-dataset {shlex.quote(dataset)}" if dataset else ""
-
-
 rule evaluate_ppl:
     conda:
         "../../envs/glrs.yaml"
@@ -21,7 +15,7 @@ rule evaluate_ppl:
         info=lambda wc, input: "" if wc.target == PLAN.dense_target else f"--info {input.model}/info.json",
         dataset=lambda wc: PLAN.dataset_by_safe_name(wc.dataset),
         role=lambda wc: PLAN.ppl_role(PLAN.dataset_by_safe_name(wc.dataset), wc.eval_key),
-        calibration=lambda wc: calibration_arg(wc.target),
+        calibration=lambda wc: PLAN.calibration_arg(wc.target),
         seqlen=config["evaluation"]["seqlen"],
         max_tokens=lambda wc: f"--max-tokens {config['evaluation']['max_tokens']}" if config["evaluation"].get("max_tokens") else "",
         dtype=config["dtype"],
@@ -51,7 +45,7 @@ rule evaluate_zeroshot:
         model=lambda wc, input: input.model,  # a compressed model is evaluated as it loads (glrs.load)
         info=lambda wc, input: "" if wc.target == PLAN.dense_target else f"--info {input.model}/info.json",
         tasks=" ".join(PLAN.zeroshot_tasks),
-        calibration=lambda wc: calibration_arg(wc.target),
+        calibration=lambda wc: PLAN.calibration_arg(wc.target),
         limit=lambda wc: f"--limit {config['evaluation']['zeroshot']['limit']}" if config["evaluation"].get("zeroshot", {}).get("limit") else "",
         dtype=config["dtype"],
         device=config["device"],
