@@ -12,11 +12,12 @@ layer gets: Stage 2's decision) and re-derives the weights that spend them:
    screened; see docs/departures.md, CAP's realisation).
 2. Decompose in the activation-scaled space, D = diag(sqrt(H_jj)): alternating projections
    L <- best rank-r of (W D - S), S <- the k largest |entries| of (W D - L) row by row
-   (GoDec; the same iteration OATS uses), `iterations` times; unscale by D^-1. Since version 2 in
-   float32, with the best rank-r step by a warm-started subspace iteration (`godec`) instead of a
-   full eigendecomposition per step, and row top-k by partial selection: on SmolLM2-135M layers 0,
-   12, 29 at density 0.5 (CPU, one thread) a layer takes ~12 s instead of ~45-60 s and the errors
-   after the refit differ by < 0.5 % of their value (benchmarks/realise_speed.py).
+   (GoDec, glrs.godec: the same loop OATS uses), `iterations` times; unscale by D^-1. Since version 2 in
+   float32, with the best rank-r step by a warm-started subspace iteration (glrs.godec.SubspaceStep)
+   instead of a full eigendecomposition per step (OATS's exact step), and row top-k by partial
+   selection: on SmolLM2-135M layers 0, 12, 29 at density 0.5 (CPU, one thread) a layer takes ~12 s
+   instead of ~45-60 s and the errors after the refit differ by < 0.5 % of their value
+   (benchmarks/realise_speed.py).
 3. Refit. With L and the support of S fixed, the kept sparse values are the least-squares solution
    of min ||(W - L - S) X||^2 on the calibration inputs, one ridge-damped system per output row:
    S_i,Omega = (H_OO + delta I)^-1 ((W - L)_i (H + delta I))_Omega, delta = damp * mean(diag H).
@@ -75,6 +76,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import cas, compressed, modelio, stats
+from .godec import SubspaceStep, godec
 from .methods.base import row_topk_mask
 from .errors import GlrsError
 
@@ -218,58 +220,6 @@ def split_budget(shape: tuple[int, int], budget: int, rank_ratio: float) -> tupl
     return r, budget - r * (m + n)
 
 
-# ---- the decomposition ----------------------------------------------------------------------------
-
-def _orth(A: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(A).Q
-
-
-def godec(Wd: torch.Tensor, rank: int, nnz: int, iterations: int, oversample: int = 8, warmup: int = 6,
-          seed: int = 0, nm: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GoDec as in glrs.methods.oats.oats_decompose (L <- best rank-r of Wd - S, S <- row top-k of
-    Wd - L, `iterations` times), in Wd's dtype, with the best rank-r step by a warm-started subspace
-    iteration instead of a full eigendecomposition: (P [m, r], B [r, n], mask) with L = P B.
-
-    The right basis V [n, l] (l = r + oversample) carries over from one iteration to the next, where
-    Wd - S has changed little: each iteration does one power step (Q = orth((Wd - S) V)), a
-    Rayleigh-Ritz step (the SVD of the l x n matrix Q^T (Wd - S)) and keeps its top r. The first
-    iteration starts from a seeded Gaussian V and does `warmup` extra power steps. Deterministic for a
-    fixed thread count (seeded generator, no data-dependent branching).
-
-    nm: (N, M) to make the S-step keep the N largest |entries| of every M consecutive columns of each row
-    (glrs.methods.base.nm_mask) instead of the row top-k; `nnz` is then ignored.
-    """
-    from .methods.base import nm_mask
-
-    def keep(scores):
-        return row_topk_mask(scores, nnz) if nm is None else nm_mask(scores, nm)
-
-    m, n = Wd.shape
-    dt = Wd.dtype
-    A = Wd  # Wd - S
-    mask = torch.zeros_like(Wd, dtype=torch.bool)
-    P, B = Wd.new_zeros(m, 0), Wd.new_zeros(0, n)
-    l = min(m, n, rank + oversample)
-    V = None
-    if rank > 0:
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        V = _orth(torch.randn(n, l, generator=g, dtype=torch.float64).to(Wd.device, dt))
-    for it in range(iterations):
-        if rank > 0:
-            for _ in range(warmup if it == 0 else 0):
-                V = _orth(A.T @ _orth(A @ V))
-            Q = _orth(A @ V)
-            Ub, sig, Vh = torch.linalg.svd(Q.T @ A, full_matrices=False)
-            V = Vh.T
-            P, B = Q @ Ub[:, :rank], sig[:rank, None] * Vh[:rank]
-            L = P @ B
-            mask = keep((Wd - L).abs_())
-            A = torch.where(mask, L, Wd)  # Wd - S with S = (Wd - L) on the mask
-        else:
-            mask = keep(Wd.abs())
-    return P, B, mask
-
-
 # ---- the refit ------------------------------------------------------------------------------------
 
 def refit_sparse(R: torch.Tensor, mask: torch.Tensor, H: torch.Tensor, damp: float, iterations: int) -> torch.Tensor:
@@ -337,7 +287,7 @@ def realise_matrix(W: torch.Tensor, H: torch.Tensor, budget: int, params: dict) 
                        "S_index": torch.arange(m * n, device=W.device), "S_values": W64.reshape(-1).clone()}
             return factors, {"rank": 0, "nnz": m * n, "params": m * n, "error_before_refit": 0.0, "error": 0.0} | extra
     d = oats_scale(torch.diagonal(H).clamp_min(0).sqrt())
-    P, B, mask = godec((W64 * d).to(GODEC_DTYPE), rank, nnz, int(params["iterations"]), nm=nm)
+    P, B, mask = godec((W64 * d).to(GODEC_DTYPE), rank, nnz, int(params["iterations"]), step=SubspaceStep, nm=nm)
     # L D^-1 = P (B D^-1) = (P Ub) diag(sigma) Vh with B D^-1 = Ub diag(sigma) Vh (an r x n SVD)
     if rank > 0:
         Ub, sigma, Vh = torch.linalg.svd(B.to(torch.float64) / d.unsqueeze(0), full_matrices=False)

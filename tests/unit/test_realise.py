@@ -145,25 +145,26 @@ def test_row_topk_mask_is_the_sorted_mask_including_ties():
 def test_godec_low_rank_step_is_the_best_rank_r():
     """With no sparse part GoDec's low-rank step alone runs `iterations` times: the warm-started
     subspace iteration must reach the Eckart-Young optimum of a matrix with a spectral gap."""
-    from glrs.methods.oats import best_rank_r
+    from glrs.godec import SubspaceStep, best_rank_r, godec
 
     g = torch.Generator().manual_seed(4)
     m, n, r = 120, 80, 6
     A = (torch.randn(m, r, generator=g, dtype=torch.float64) * torch.linspace(3, 1, r, dtype=torch.float64)
          @ torch.randn(r, n, generator=g, dtype=torch.float64) + 0.05 * torch.randn(m, n, generator=g, dtype=torch.float64))
-    P, B, mask = realise.godec(A, r, 0, iterations=10)
+    P, B, mask = godec(A, r, 0, iterations=10, step=SubspaceStep)
     assert not mask.any() and P.shape == (m, r) and B.shape == (r, n)
     Pe, Be = best_rank_r(A, r)
     best = torch.linalg.norm(A - Pe @ Be)
     assert torch.linalg.norm(A - P @ B) <= best * (1 + 1e-10)
     torch.testing.assert_close(P @ B, Pe @ Be, rtol=0, atol=1e-9 * float(A.abs().max()))
     # float32, as the realisation runs it
-    P32, B32, _ = realise.godec(A.float(), r, 0, iterations=10)
+    P32, B32, _ = godec(A.float(), r, 0, iterations=10, step=SubspaceStep)
     assert torch.linalg.norm(A - (P32 @ B32).double()) <= best * (1 + 1e-4)
 
 
 def test_godec_matches_the_oats_iteration_on_a_planted_matrix():
     """Same fixed point as oats_decompose (full eigendecomposition per step): same objective to ~1e-3."""
+    from glrs.godec import SubspaceStep, godec
     from glrs.methods.oats import oats_decompose
 
     W, H = _planted(m=96, n=128, rank=4, sparse=0.05)
@@ -171,7 +172,7 @@ def test_godec_matches_the_oats_iteration_on_a_planted_matrix():
     r, k = 4, int(0.2 * W.numel())
     _, mask_ref, hist, _ = oats_decompose(W, d, r, k, 30, torch.float64, track=True)
     Wd = W * d
-    P, B, mask = realise.godec(Wd, r, k, 30)
+    P, B, mask = godec(Wd, r, k, 30, step=SubspaceStep)
     R = Wd - P @ B
     obj = float(torch.linalg.norm(R * ~mask) / torch.linalg.norm(Wd))
     assert obj == pytest.approx(hist[-1], rel=1e-3)

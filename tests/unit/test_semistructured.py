@@ -119,10 +119,11 @@ def test_refit_lowers_the_weighted_error_under_24():
 
 
 def test_godec_24_mask_at_rank_zero_is_the_24_mask_of_the_weights():
+    from glrs.godec import SubspaceStep, godec
     from glrs.methods.base import nm_mask
 
     W, _ = _problem()
-    _, _, mask = realise.godec(W, 0, 0, 3, nm=(2, 4))
+    _, _, mask = godec(W, 0, 0, 3, step=SubspaceStep, nm=(2, 4))
     assert torch.equal(mask, nm_mask(W.abs(), (2, 4)))
 
 
