@@ -114,16 +114,15 @@ def _budgets_only(allocator: str, params: dict) -> bool:
     return allocator != "rpca-threshold" and cap.keeps_prefixes(allocator, params)
 
 
-def run_allocator(stage1_in: Stage1 | list[str], allocator: str, density: float, params: dict, seed: int,
+def run_allocator(stage1: Stage1, allocator: str, density: float, params: dict, seed: int,
                   model_dir: str | None, calib_file: str | None, json_out: str, masks_out: str | None = None,
                   device: str = "auto", stats_files: list[str] | None = None) -> dict:
     """One allocation from every layer's Stage-1 candidates (a glrs.stage1.Stage1: the decompose
     files, or under stage1 weights the model's weights; a list of files is taken as the former).
     The json holds the per-matrix budgets; the per-candidate keep-masks go to `masks_out` only when
     given (realise.mode select reads them; the realisers need only the budgets)."""
-    s1 = Stage1.of(stage1_in)
-    s1.check_readable()
-    pools = s1.pools(values=not _budgets_only(allocator, params))
+    stage1.check_readable()
+    pools = stage1.pools(values=not _budgets_only(allocator, params))
     used, stage2 = "cpu", None
     if allocator == "uniform":
         alloc = allocate.uniform(pools, density, **params)
@@ -136,7 +135,7 @@ def run_allocator(stage1_in: Stage1 | list[str], allocator: str, density: float,
     elif allocator in allocate.NEEDS_CALIBRATION:
         with gpuslots.device_slot(device) as dev:
             used = dev
-            alloc, stage2 = cap.allocate_with_info(pools, density, params, seed, model_dir, s1,
+            alloc, stage2 = cap.allocate_with_info(pools, density, params, seed, model_dir, stage1,
                                                    load_calibration(calib_file), allocator, dev, stats_files)
     else:
         raise GlrsError(f"unknown allocator {allocator!r}; use one of {', '.join(allocate.ALLOCATORS)}")
@@ -145,7 +144,7 @@ def run_allocator(stage1_in: Stage1 | list[str], allocator: str, density: float,
     if stage2:
         info["stage2"] = {k: stage2[k] for k in ("policy", "steps", "skipped_steps", "surrogate_loss_uniform",
                                                   "surrogate_loss_learned", "theta", "expected_density") if k in stage2}
-    info |= {"inputs": conditions.input_keys(s1.keys(), calib_file, stats_files), "conditions": conditions.current(used)}
+    info |= {"inputs": conditions.input_keys(stage1.keys(), calib_file, stats_files), "conditions": conditions.current(used)}
     allocate.save(alloc, info, json_out, masks_out)
     return info
 
@@ -165,7 +164,7 @@ def kept_factors(layer_tensors: dict[str, torch.Tensor], short: str, rank_keep: 
     }
 
 
-def materialise(model_dir: str, stage1_in: Stage1 | list[str], masks_file: str | None, alloc_json: str,
+def materialise(model_dir: str, stage1: Stage1, masks_file: str | None, alloc_json: str,
                 run_info: dict, out: str, export: str = "none") -> dict:
     """The compressed model (glrs.compressed) of the kept Stage-1 candidates (from a glrs.stage1.Stage1,
     or a list of decompose files): the paper's realise.mode select. The keep-masks file is needed only
@@ -180,7 +179,7 @@ def materialise(model_dir: str, stage1_in: Stage1 | list[str], masks_file: str |
         raise GlrsError(f"{alloc_json}: this allocation kept candidates that are not prefixes, so its keep-masks "
                         "are needed: pass --masks (its allocate job writes them with --masks-out)")
     factors, shapes = {}, {}
-    for meta, tensors in Stage1.of(stage1_in).read():
+    for meta, tensors in stage1.read():
         for short, m in meta["matrices"].items():
             factors[m["name"]] = kept_factors(tensors, short, masks.rank_keep[m["name"]], masks.sparse_keep[m["name"]])
             shapes[m["name"]] = m["shape"]

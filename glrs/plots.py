@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from . import cas, modelio  # noqa: E402
+from .stage1 import Stage1  # noqa: E402
 
 MATRICES = list(modelio.TARGETS)
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "figure.dpi": 110})
@@ -111,14 +112,11 @@ def _n_layers(infos: list[dict]) -> int:
     return max(len({m["layer"] for m in i["matrices"].values()}) for i in infos)
 
 
-def plot_spectra(model_dir: str, stage1_in, out: str | Path) -> None:
+def plot_spectra(model_dir: str, stage1: Stage1, out: str | Path) -> None:
     """Singular values of each weight W against those of its low-rank part L, for a few layers:
-    RPCA moves the heavy tail of W's spectrum into S, so L's spectrum drops off sooner. `stage1_in`
-    (a glrs.stage1.Stage1, or decompose files) names the layers; under stage1 weights there is no
+    RPCA moves the heavy tail of W's spectrum into S, so L's spectrum drops off sooner. `stage1`
+    (a glrs.stage1.Stage1) names the layers; under stage1 weights there is no
     L, and the figure shows W's spectra alone."""
-    from .stage1 import Stage1
-
-    stage1 = Stage1.of(stage1_in)
     rows = len(stage1.layers)
     fig, axes = plt.subplots(rows, len(MATRICES), figsize=(2.6 * len(MATRICES), 2.3 * rows), squeeze=False)
     for r, layer in enumerate(stage1.layers):

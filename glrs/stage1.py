@@ -133,11 +133,6 @@ class Stage1:
             raise GlrsError("no layers given to split")
         return cls(Path(model_dir).name, stage1_key, tuple(int(i) for i in layers), (), str(model_dir))
 
-    @classmethod
-    def of(cls, stage1: "Stage1 | Sequence[str | Path]") -> "Stage1":
-        """A Stage1 as it is, or a list of decompose files as one."""
-        return stage1 if isinstance(stage1, Stage1) else cls.from_files(stage1)
-
     @property
     def splits_weights(self) -> bool:
         return not self.files

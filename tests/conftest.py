@@ -158,6 +158,7 @@ def tiny_decomposed(root: Path) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from glrs import allocate
+    from glrs.stage1 import Stage1
 
     model_dir = root / "model"
     cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -165,4 +166,5 @@ def tiny_decomposed(root: Path) -> dict:
     torch.manual_seed(0)
     files = save_decomposed(LlamaForCausalLM(cfg), model_dir, TINY_RPCA_PARAMS)
     ids = torch.randint(0, 96, (6, 24), generator=torch.Generator().manual_seed(1))
-    return {"model_dir": str(model_dir), "files": files, "pools": allocate.load_pools(files), "ids": ids}
+    return {"model_dir": str(model_dir), "files": files, "stage1": Stage1.from_files(files),
+            "pools": allocate.load_pools(files), "ids": ids}

@@ -10,7 +10,7 @@ import torch
 
 from .. import allocate as _alloc
 from ..errors import GlrsError
-from ..stage1 import MatrixPool
+from ..stage1 import MatrixPool, Stage1
 from .loss import calibration_loss
 from .policy import MaskSample
 
@@ -162,13 +162,10 @@ def matrices(pools, modules, factors, blocks) -> list[_Matrix]:
     return mats
 
 
-def _read_factors(stage1_in, pools: list[MatrixPool], space: str,
+def _read_factors(stage1: Stage1, pools: list[MatrixPool], space: str,
                   device: torch.device, offload: bool) -> dict[str, dict[str, torch.Tensor]]:
     """The parts of every pool's Stage-1 factors that `space` composes W~ from, by matrix name, from a
-    glrs.stage1.Stage1 (the decompose files, or the weights under stage1 weights) or a list of files."""
-    from ..stage1 import Stage1
-
-    stage1 = Stage1.of(stage1_in)
+    glrs.stage1.Stage1 (the decompose files, or the weights under stage1 weights)."""
     by_name = {p.name: p for p in pools}
     parts = {"cap": ("U", "sigma", "V", "S_values", "S_index"), "lowrank-only": ("U", "sigma", "V"),
              "sparse-only": ("S_values", "S_index")}[space]

@@ -30,7 +30,7 @@ def tiny(tmp_path_factory):
 
 def run(tiny, density, params=None, seed=0, space="cap"):
     return cap.allocate_with_info(tiny["pools"], density, {**FAST, **(params or {})}, seed, tiny["model_dir"],
-                                  tiny["files"], tiny["ids"], space=space, device="cpu")
+                                  tiny["stage1"], tiny["ids"], space=space, device="cpu")
 
 
 def same(a: allocate.Allocation, b: allocate.Allocation) -> bool:
@@ -269,7 +269,7 @@ def test_without_steps_the_masks_are_the_greedy_energy_per_parameter_allocation(
     logit (tied) = keeping by sigma^2/(m+n) and v^2."""
     pools = tiny["pools"]
     params = {"epochs": 0, "init": "magnitude", "policy": policy}
-    alloc, info = cap.allocate_with_info(pools, 0.5, params, 0, None, tiny["files"], None)
+    alloc, info = cap.allocate_with_info(pools, 0.5, params, 0, None, tiny["stage1"], None)
     assert info["steps"] == 0
     blocks = cap_candidates.build_blocks(pools, "cap", 1)
     score = cap_candidates.block_scores(pools, blocks)
@@ -288,7 +288,7 @@ def test_activation_scores_are_output_energy_per_parameter(tiny):
 
     pools = tiny["pools"]
     blocks = cap_candidates.build_blocks(pools, "cap", 1)
-    factors = cap_candidates._read_factors(tiny["files"], pools, "cap", torch.device("cpu"), offload=False)
+    factors = cap_candidates._read_factors(tiny["stage1"], pools, "cap", torch.device("cpu"), offload=False)
     raw = cap_candidates.activation_block_scores(tiny["model_dir"], tiny["ids"], pools, blocks, factors, torch.device("cpu"),
                                       per_matrix=False)
     scaled = cap_candidates.activation_block_scores(tiny["model_dir"], tiny["ids"], pools, blocks, factors, torch.device("cpu"))
@@ -334,7 +334,7 @@ def test_engine_loss_with_everything_kept_is_the_dense_loss(tiny):
 
     pools, dev = tiny["pools"], torch.device("cpu")
     blocks = cap_candidates.build_blocks(pools, "cap", 1)
-    factors = cap_candidates._read_factors(tiny["files"], pools, "cap", dev, offload=False)
+    factors = cap_candidates._read_factors(tiny["stage1"], pools, "cap", dev, offload=False)
     model, modules = cap_candidates._load_model(tiny["model_dir"], factors, dev, torch.float32)
     mats = cap_candidates.matrices(pools, modules, factors, blocks)
 

@@ -12,6 +12,7 @@ from glrs import allocate, cap, stats
 from glrs.cap import budget as cap_budget
 from glrs.stage1 import read_rpca_layer
 from glrs.methods.base import capped_split
+from glrs.stage1 import Stage1
 
 from conftest import save_decomposed
 
@@ -104,13 +105,14 @@ def planted(tmp_path_factory):
     files = save_decomposed(model, model_dir, RPCA_PARAMS)
     ids = batch(16)
     stats.collect(str(model_dir), ids, [0, 1], str(root / "stats"))
-    return {"model_dir": str(model_dir), "files": files, "pools": allocate.load_pools(files), "ids": ids,
+    return {"model_dir": str(model_dir), "files": files, "stage1": Stage1.from_files(files),
+            "pools": allocate.load_pools(files), "ids": ids,
             "held_out": batch(16),
             "stats": [str(stats.layer_file(root / "stats", i)) for i in range(2)]}
 
 
 def run(planted, params, seed=0):
-    return cap.allocate_with_info(planted["pools"], 0.5, params, seed, planted["model_dir"], planted["files"],
+    return cap.allocate_with_info(planted["pools"], 0.5, params, seed, planted["model_dir"], planted["stage1"],
                                   planted["ids"], "cap", "cpu", planted["stats"])
 
 
@@ -204,7 +206,7 @@ def test_default_cap_realised_beats_uniform_and_the_paper_as_written(planted):
 
     paper, _ = cap.allocate_with_info(pools, 0.5, {"policy": "entry", "samples_per_step": 1, "baseline": "ema",
                                                    "init": "magnitude", "epochs": 1}, 0, planted["model_dir"],
-                                      planted["files"], planted["ids"], "cap", "cpu", None)
+                                      planted["stage1"], planted["ids"], "cap", "cpu", None)
     layer_tensors = {i: read_rpca_layer(f)[1] for i, f in enumerate(planted["files"])}
 
     def selected(q, W, H):
@@ -219,7 +221,7 @@ def test_budget_policy_needs_its_inputs(planted):
     from glrs.errors import GlrsError
 
     with pytest.raises(GlrsError, match="--stats"):
-        cap.allocate_with_info(planted["pools"], 0.5, {}, 0, planted["model_dir"], planted["files"], planted["ids"],
+        cap.allocate_with_info(planted["pools"], 0.5, {}, 0, planted["model_dir"], planted["stage1"], planted["ids"],
                                "cap", "cpu", None)
     with pytest.raises(GlrsError, match="space cap only"):
         cap.resolve_params({"policy": "budget"}, "sparse-only")

@@ -40,7 +40,7 @@ def tiny(tmp_path_factory):
 
 
 def run(tiny, params, space="cap", density=0.5, with_stats=False):
-    return cap.allocate_with_info(tiny["pools"], density, params, 0, tiny["model_dir"], tiny["files"], tiny["ids"],
+    return cap.allocate_with_info(tiny["pools"], density, params, 0, tiny["model_dir"], tiny["stage1"], tiny["ids"],
                                   space=space, device="cpu", stats_files=tiny["stats"] if with_stats else None)
 
 
@@ -57,7 +57,7 @@ def test_the_scored_model_holds_exactly_the_sampled_candidates(tiny, space):
     entries of Stage 1, formed here one by one from the factors (square and non-square, both parts)."""
     pools, dev = tiny["pools"], torch.device("cpu")
     blocks = cap_candidates.build_blocks(pools, space, 1)
-    factors = cap_candidates._read_factors(tiny["files"], pools, space, dev, offload=False)
+    factors = cap_candidates._read_factors(tiny["stage1"], pools, space, dev, offload=False)
     model, modules = cap_candidates._load_model(tiny["model_dir"], factors, dev, torch.float32)
     mats = cap_candidates.matrices(pools, modules, factors, blocks)
     pol = cap_policy.BernoulliPolicy([b.nvar for b in blocks], [b.cost for b in blocks],

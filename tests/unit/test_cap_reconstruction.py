@@ -65,7 +65,7 @@ def test_all_kept_is_zero_when_l_plus_s_is_w_and_grows_as_candidates_are_dropped
 
 def test_all_kept_with_rpca_is_its_residual(tiny):
     """With RPCA's factors, L + S = W to the solver's tolerance (1e-7): all kept loses almost nothing."""
-    rec, blocks, _ = engine(tiny, tiny["files"], tiny["pools"])
+    rec, blocks, _ = engine(tiny, tiny["stage1"], tiny["pools"])
     assert 0.0 <= rec.loss(tiny["ids"], keep_fraction(blocks, 1.0)) < 1e-10
     assert rec.loss(tiny["ids"], keep_fraction(blocks, 0.5)) > 1e-4
 
@@ -77,7 +77,7 @@ def test_equals_the_direct_computation_on_the_dense_inputs(tiny):
     from transformers import AutoModelForCausalLM
 
     pools = tiny["pools"]
-    rec, blocks, factors = engine(tiny, tiny["files"], pools)
+    rec, blocks, factors = engine(tiny, tiny["stage1"], pools)
     gen = torch.Generator().manual_seed(3)
     sample = Masks([torch.rand(b.nvar, generator=gen) < 0.6 for b in blocks])
     got = rec.loss(tiny["ids"], sample)
@@ -106,7 +106,7 @@ def test_equals_the_direct_computation_on_the_dense_inputs(tiny):
 
 
 def run(tiny, params, seed=0, stats_files="default"):
-    return cap.allocate_with_info(tiny["pools"], 0.5, params, seed, tiny["model_dir"], tiny["files"], tiny["ids"],
+    return cap.allocate_with_info(tiny["pools"], 0.5, params, seed, tiny["model_dir"], tiny["stage1"], tiny["ids"],
                                   device="cpu", stats_files=tiny["stats"] if stats_files == "default" else stats_files)
 
 

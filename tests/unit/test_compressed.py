@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 import glrs
 from glrs import allocate, compressed, pipeline
 from glrs.errors import GlrsError
+from glrs.stage1 import Stage1
 
 RPCA = {"lambda_scale": 1.0, "tol": 1e-6, "max_iter": 200, "rho": 1.5, "mu_factor": 1.25, "dtype": "float64"}
 
@@ -78,9 +79,9 @@ def _materialised(tiny_prepared, tmp_path, export="none"):
         out = tmp_path / f"layer_{layer}.safetensors"
         pipeline.decompose_layer(str(tiny_prepared), layer, RPCA, str(out), device="cpu")
         files.append(str(out))
-    pipeline.run_allocator(files, "uniform", 0.5, {"rank_fraction": 0.5}, 0, None, None,
+    pipeline.run_allocator(Stage1.from_files(files), "uniform", 0.5, {"rank_fraction": 0.5}, 0, None, None,
                            str(tmp_path / "a.json"), str(tmp_path / "a.safetensors"))
-    info = pipeline.materialise(str(tiny_prepared), files, str(tmp_path / "a.safetensors"), str(tmp_path / "a.json"),
+    info = pipeline.materialise(str(tiny_prepared), Stage1.from_files(files), str(tmp_path / "a.safetensors"), str(tmp_path / "a.json"),
                                 {"method": "cap", "allocator": "uniform"}, str(tmp_path / "c"), export)
     return files, info
 
@@ -175,7 +176,7 @@ def test_prefix_allocations_materialise_without_keep_masks(tiny_prepared, tmp_pa
     files, _ = _materialised(tiny_prepared, tmp_path / "a")
     alloc = json.loads((tmp_path / "a" / "a.json").read_text())
     assert alloc["kept"] == "prefixes"
-    pipeline.materialise(str(tiny_prepared), files, None, str(tmp_path / "a" / "a.json"),
+    pipeline.materialise(str(tiny_prepared), Stage1.from_files(files), None, str(tmp_path / "a" / "a.json"),
                          {"method": "cap", "allocator": "uniform"}, str(tmp_path / "b"))
     for f in sorted((tmp_path / "a" / "c").iterdir()):
         if f.name != "conditions.json":
@@ -183,13 +184,13 @@ def test_prefix_allocations_materialise_without_keep_masks(tiny_prepared, tmp_pa
     alloc["kept"] = "masks"
     (tmp_path / "masked.json").write_text(json.dumps(alloc))
     with pytest.raises(GlrsError, match="--masks"):
-        pipeline.materialise(str(tiny_prepared), files, None, str(tmp_path / "masked.json"),
+        pipeline.materialise(str(tiny_prepared), Stage1.from_files(files), None, str(tmp_path / "masked.json"),
                              {"method": "cap", "allocator": "cap"}, str(tmp_path / "d"))
 
 
 def test_allocation_writes_keep_masks_only_when_asked(tiny_prepared, tmp_path):
     files, _ = _materialised(tiny_prepared, tmp_path / "a")
-    pipeline.run_allocator(files, "uniform", 0.5, {"rank_fraction": 0.5}, 0, None, None, str(tmp_path / "b.json"))
+    pipeline.run_allocator(Stage1.from_files(files), "uniform", 0.5, {"rank_fraction": 0.5}, 0, None, None, str(tmp_path / "b.json"))
     assert not list(tmp_path.glob("*.safetensors"))
     a, b = (json.loads(p.read_text()) for p in (tmp_path / "a" / "a.json", tmp_path / "b.json"))
     assert a["matrices"] == b["matrices"]

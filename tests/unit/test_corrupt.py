@@ -10,6 +10,7 @@ import pytest
 from glrs import cli, pipeline
 from glrs.errors import GlrsError
 from glrs.stage1 import read_rpca_layer
+from glrs.stage1 import Stage1
 
 RPCA = {"lambda_scale": 1.0, "tol": 1e-4, "max_iter": 20, "rho": 1.5, "mu_factor": 1.25, "dtype": "float64"}
 
@@ -27,7 +28,7 @@ def stage_files(tiny_prepared, tmp_path_factory):
     for layer in range(3):
         files.append(str(tmp / f"layer_{layer}.safetensors"))
         pipeline.decompose_layer(str(tiny_prepared), layer, RPCA, files[-1], device="cpu")
-    pipeline.run_allocator(files, "uniform", 0.5, {"rank_fraction": 0.5}, 0, None, None,
+    pipeline.run_allocator(Stage1.from_files(files), "uniform", 0.5, {"rank_fraction": 0.5}, 0, None, None,
                            str(tmp / "a.json"), str(tmp / "a.safetensors"))
     pipeline.calibrate(str(tiny_prepared), {"dataset": "pydoc", "nsamples": 2, "seqlen": 16}, 0, str(tmp / "calib.safetensors"))
     return tmp, files
@@ -39,7 +40,7 @@ def test_truncated_stage1_file(stage_files, tmp_path, keep):
     bad = truncate(files[1], tmp_path / "layer_1.safetensors", keep)
     broken = [files[0], str(bad), files[2]]
     for call in (lambda: read_rpca_layer(bad),
-                 lambda: pipeline.run_allocator(broken, "uniform", 0.5, {"rank_fraction": 0.5}, 0, None, None,
+                 lambda: pipeline.run_allocator(Stage1.from_files(broken), "uniform", 0.5, {"rank_fraction": 0.5}, 0, None, None,
                                                 str(tmp_path / "a.json"), str(tmp_path / "a.safetensors"))):
         with pytest.raises(GlrsError, match=r"RPCA factors .*layer_1\.safetensors.*rerun its decompose job"):
             call()
@@ -50,7 +51,7 @@ def test_truncated_stage1_file_stops_materialise(stage_files, tiny_prepared, tmp
     tmp, files = stage_files
     bad = truncate(files[2], tmp_path / "layer_2.safetensors")
     with pytest.raises(GlrsError, match=r"layer_2\.safetensors.*rerun its decompose job"):
-        pipeline.materialise(str(tiny_prepared), files[:2] + [str(bad)], str(tmp / "a.safetensors"), str(tmp / "a.json"),
+        pipeline.materialise(str(tiny_prepared), Stage1.from_files(files[:2] + [str(bad)]), str(tmp / "a.safetensors"), str(tmp / "a.json"),
                              {"method": "cap", "allocator": "uniform"}, str(tmp_path / "c"))
     assert not (tmp_path / "c").exists()
 

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from glrs import allocate, compressed, pipeline
 from glrs.methods import get_method
 from glrs.methods.base import target_shapes
+from glrs.stage1 import Stage1
 
 from conftest import slow_dense, slow_read_compressed
 
@@ -88,7 +89,7 @@ def materialised(tiny_prepared, tmp_path_factory):
     info = {"target_density": 0.5, "achieved_density": 0.5, "params_dense": 1}
     allocate.save(allocate.Allocation(rank_keep, sparse_keep), info, tmp / "a.json", tmp / "a.safetensors")
     out = tmp / "c"
-    pipeline.materialise(str(tiny_prepared), files, str(tmp / "a.safetensors"), str(tmp / "a.json"),
+    pipeline.materialise(str(tiny_prepared), Stage1.from_files(files), str(tmp / "a.safetensors"), str(tmp / "a.json"),
                          {"method": "cap", "allocator": "test"}, str(out), export="dense")
     return files, tmp / "a.safetensors", out, shapes
 

@@ -15,6 +15,7 @@ from glrs import allocate, cas, pipeline
 from glrs.cap import candidates as cap_candidates
 from glrs.errors import GlrsError
 from glrs.stage1 import PARTS, Stage1
+from glrs.stage1 import Stage1
 
 NONE = {"method": "none", "lambda_scale": 1.0, "tol": 1e-7, "max_iter": 500, "rho": 1.5, "mu_factor": 1.25,
         "dtype": "float64"}
@@ -73,7 +74,7 @@ def test_pools_and_cap_factors_from_the_weights_equal_those_from_the_files(both)
         assert _equal(a.sigma, b.sigma) and _equal(a.s_abs, b.s_abs)
     for space in cap_candidates.SPACES:
         fw = cap_candidates._read_factors(from_weights, pw, space, torch.device("cpu"), offload=False)
-        ff = cap_candidates._read_factors(list(from_files.files), pf, space, torch.device("cpu"), offload=False)
+        ff = cap_candidates._read_factors(from_files, pf, space, torch.device("cpu"), offload=False)
         assert list(fw) == list(ff)
         for name in ff:
             assert list(fw[name]) == list(ff[name])
