@@ -4,7 +4,10 @@
 # at densities 0.4 / 0.5 / 0.6:
 #   benchmarks/gpu/cap-table.sh MODEL.gguf SECONDS OUTDIR
 # Streams beside CAP's (stage overlays, space-separated; each gets 2 GPU slots):
-#   STREAMS="oats-0.1 baselines3 paper" (default: the whole table) or e.g. STREAMS="oats-0.1 sparsegpt-wanda"
+#   STREAMS="oats-0.1 baselines3 paper" (default: the whole table) or e.g. STREAMS="oats-0.1 sparsegpt-wanda";
+#   a stream joins overlays with "+", and a name with a "/" is a file path, e.g. "config/paper.yaml+paper-loss"
+#   (STREAM_OPTS, default "--cores 2 --resources gpu=2", sets each stream's share; REALISE_CORES, default 12,
+#   CAP's realisation's)
 # CAP_STAGE (default cap-default) is CAP's overlay and ZS_STAGE (default zs100) the evaluation's, e.g. issue 12's
 # whole grid at four densities without zero-shot:
 #   CAP_STAGE=cap-grid ZS_STAGE=no-zeroshot STREAMS="sparse-grid lowrank-grid oats-grid bolaco-sslc paper" ...
@@ -34,7 +37,7 @@ sm() {  # sm NAME SNAKEMAKE-OPTIONS... -- OVERLAYS...   (device=auto unless DEVI
     local name=$1; shift
     local opts=() files=(config/comparison.yaml)
     while [[ $# -gt 0 && $1 != -- ]]; do opts+=("$1"); shift; done
-    shift; for f in "$@"; do files+=("$st/$f.yaml"); done
+    shift; for f in "$@"; do for g in ${f//+/ }; do [[ $g == */* ]] && files+=("$g") || files+=("$st/$g.yaml"); done; done
     local left=$(( budget - 40 - ($(date +%s) - start) ))
     (( left > 15 )) || { echo "$name: no time left" | tee -a "$out/status.log"; return 0; }
     timeout -k 5 "$left" python3 -m snakemake ${TARGETS:-} --nolock --rerun-incomplete --keep-going \
@@ -51,11 +54,11 @@ TARGETS="activations calibrate" sm prep --cores 16 -- "$cap" "$zs"
 } &
 {   # CAP: Stage 2 on the GPU, realisation on the CPU cores, then materialise + evaluate on the GPU
     sm c-alloc --cores 3 --resources gpu=3 --until allocate -- "$cap" "$zs"
-    DEVICE=cpu sm c-realise --cores 12 --until realise -- "$cap" "$zs"
+    DEVICE=cpu sm c-realise --cores "${REALISE_CORES:-12}" --until realise -- "$cap" "$zs"
     sm c-eval --cores 4 --resources gpu=4 "${o[@]}" -- "$cap" "$zs"
 } &
 for stage in ${STREAMS:-oats-0.1 baselines3 paper}; do
-    { sm "$stage" --cores 2 --resources gpu=2 "${o[@]}" -- "$stage" "$zs"; } &
+    { sm "${stage//\//_}" ${STREAM_OPTS:---cores 2 --resources gpu=2} "${o[@]}" -- "$stage" "$zs"; } &
 done
 wait
 left=$(( budget - ($(date +%s) - start) ))
