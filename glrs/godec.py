@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from .errors import GlrsError
-from .methods.base import nm_mask, row_topk_mask
+from .masks import nm_mask, row_topk_mask
 
 # A rank step for one decomposition: A [m, n] -> (P [m, r], B [r, n]) with P B ~ the best rank-r of A.
 RankStep = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

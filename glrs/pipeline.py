@@ -268,12 +268,13 @@ def compress_baseline(model_dir: str, calib_file: str, method: str, density: flo
     """A baseline method (glrs.methods) at the same budget, written in the same layout as CAP's models."""
     from transformers import AutoModelForCausalLM
 
+    from .layers import target_shapes
     from .methods import base, get_method
 
     impl = get_method(method)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    shapes = base.target_shapes(model)
+    shapes = target_shapes(model)
     with gpuslots.device_slot(device) as dev:
         result = impl.compress(model, load_calibration(calib_file), density, params, seed, dev)
         used = dev

@@ -51,7 +51,7 @@ Wanda or SparseGPT:
     density b / (m n) with the statistics file's H; the relative dampening is `damp` (SparseGPT's percdamp, 0.01
     by default for both), and the scale of H (divided by tokens) cancels in the update and in the saliencies.
   Under `sparsity: "2:4"` both keep NVIDIA's 2:4 mask instead (wanda: the 2 highest scores of every 4
-  consecutive inputs, glrs.methods.base.nm_mask; sparsegpt: its N:M path), with the budgets of
+  consecutive inputs, glrs.masks.nm_mask; sparsegpt: its N:M path), with the budgets of
   `matrix_budgets_nm`: a matrix the allocation makes dense (budget m*n) stays dense, every other one keeps
   exactly m*n/2 and the rest of its budget goes unspent (recorded as `leftover`; at target density 0.5 there
   is none). Only `mode` (and `damp` for sparsegpt, and `sparsity` when not unstructured) enter their resolved
@@ -60,7 +60,7 @@ Wanda or SparseGPT:
   [departure] Each per-layer job prunes with the dense model's statistics (glrs.stats: every layer's inputs
   from the unpruned model, all layers in parallel), not with the inputs of the already-pruned earlier
   layers as the reference code (locuslab/wanda, IST-DASLab/sparsegpt) and glrs's baselines
-  (glrs.methods.base.sequential_layers) do. Measured cost on the embedded model: docs/departures.md.
+  (glrs.layers.sequential_layers) do. Measured cost on the embedded model: docs/departures.md.
 
 Each decoder layer is one job (`glrs realise`); it reads its layer's weights, its activation
 statistics (glrs.stats) and the allocation's JSON, and writes the factored form
@@ -77,7 +77,7 @@ from safetensors.torch import save_file
 
 from . import cas, compressed, modelio, stats
 from .godec import SubspaceStep, godec
-from .methods.base import row_topk_mask
+from .masks import row_topk_mask
 from .errors import GlrsError
 
 REALISE_VERSION = 4  # 2: float32 GoDec by subspace iteration; 3: refit by conjugate gradients (refit_iterations);
@@ -139,7 +139,7 @@ def matrix_budgets(alloc_info: dict) -> dict[str, int]:
     """Weight name -> parameters the realisation spends on it: what Stage 2 kept in that matrix
     (rank * (m + n) + nnz), capped at its dense size; what the cap removes goes to the other
     matrices in proportion to their budgets, so the total is exactly the allocation's."""
-    from .methods.base import capped_split
+    from .masks import capped_split
 
     mats = alloc_info["matrices"]
     names = sorted(mats)
@@ -161,7 +161,7 @@ def matrix_budgets_nm(alloc_info: dict, nm: tuple[int, int] = (2, 4)) -> dict[st
     exception to the exact total: an allocation for a target density >= N/M whose rounding (e.g. OWL's
     per-matrix int()) left it short of the floors by at most DENSITY_TOLERANCE of the dense count gets the
     floors (it then spends those few parameters more)."""
-    from .methods.base import DENSITY_TOLERANCE, capped_split
+    from .masks import DENSITY_TOLERANCE, capped_split
 
     n_keep, group = nm
     mats = alloc_info["matrices"]
@@ -311,7 +311,8 @@ def prune_matrix(W: torch.Tensor, H: torch.Tensor, budget: int, params: dict) ->
     """(factors in glrs.compressed layout, record): W [m, n] pruned to exactly `budget` nonzeros (rank 0) by
     Wanda's score or SparseGPT's OBS pruning (params["mode"]); H = X^T X / tokens. Under N:M sparsity the N:M
     mask (`budget` >= m*n*N/M; the rest, `leftover`, unspent), and a budget of m*n keeps W whole."""
-    from .methods.base import LayerStats, nm_mask
+    from .layers import LayerStats
+    from .masks import nm_mask
     from .methods.sparsegpt import sparsegpt_prune
     from .methods.wanda import wanda_scores
 

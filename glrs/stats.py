@@ -75,7 +75,7 @@ def collect(model_dir: str, calib_ids: torch.Tensor, layers: list[int], out_dir:
     from transformers import AutoModelForCausalLM
 
     from .conditions import current
-    from .methods.base import sequential_layers
+    from .layers import sequential_layers
     from .modelio import read_manifest
 
     out_dir = Path(out_dir)

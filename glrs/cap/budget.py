@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from .. import gpuslots
 from ..errors import GlrsError
-from ..methods.base import capped_split
+from ..masks import capped_split
 from .loss import calibration_loss
 from .policy import _stream_seed
 

@@ -69,7 +69,7 @@ def activation_block_scores(model_dir: str, calib_ids: torch.Tensor, pools: list
     form that prices components and entries in the same unit (squared output error removed)."""
     from transformers import AutoModelForCausalLM
 
-    from ..methods.base import sequential_layers
+    from ..layers import sequential_layers
     from ..modelio import weight_name
 
     index = {p.name: i for i, p in enumerate(pools)}

@@ -14,7 +14,7 @@ import importlib
 from collections.abc import Mapping
 
 from ..errors import GlrsError
-from .base import LayerStats, Method, MethodOutput, collect_stats, sequential_layers
+from .base import Method, MethodOutput
 
 _REGISTRY: dict[str, tuple[str, str]] = {
     "magnitude": ("magnitude", "MAGNITUDE"),
@@ -82,7 +82,7 @@ def method_optional(name: str) -> dict:
 def density_infeasible(name: str, params: dict, density: float) -> str:
     """Why the method cannot run at this density with these (effective) parameters, or "" when it can:
     under N:M sparsity (`nm`) the pruning methods keep exactly N/M, OATS at least N/M (its sparse part)."""
-    from .base import parse_nm
+    from ..masks import parse_nm
 
     nm = parse_nm(params.get("nm"))
     if nm is None:
@@ -108,4 +108,4 @@ def get_method(name: str) -> Method:
         raise GlrsError(f"compression method {name!r} is registered but cannot be loaded: {e}") from e
 
 
-__all__ = ["METHODS", "get_method", "method_defaults", "method_optional", "effective_params", "density_infeasible", "method_version", "LayerStats", "Method", "MethodOutput", "collect_stats", "sequential_layers"]
+__all__ = ["METHODS", "get_method", "method_defaults", "method_optional", "effective_params", "density_infeasible", "method_version", "Method", "MethodOutput"]

@@ -104,9 +104,9 @@ import time
 import torch
 
 from ..errors import GlrsError
+from ..layers import LayerStats, decoder_layers, sequential_layers, target_modules, target_shapes
 from ..modelio import weight_name
-from .base import (LayerStats, MethodOutput, assert_density, check_density, decoder_layers, low_rank_factors,
-                   sequential_layers, spend_remainder, target_modules, target_shapes)
+from .base import MethodOutput, assert_density, check_density, low_rank_factors, spend_remainder
 
 DEFAULTS = {
     "n_trials": 50,

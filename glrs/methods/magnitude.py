@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import (MethodOutput, decoder_layers, exact_count, finish, nm_mask,
-                   pruning_setup, target_modules, topk_mask)
+from .base import MethodOutput, finish, pruning_setup
+from ..layers import decoder_layers, target_modules
+from ..masks import exact_count, nm_mask, topk_mask
 from ..modelio import weight_name
 
 DEFAULTS = {"nm": None}

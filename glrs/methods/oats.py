@@ -57,10 +57,11 @@ import math
 
 import torch
 
-from .base import (LayerStats, MethodOutput, check_density, exact_count, finish, low_rank_factors, parse_nm,
-                   resolve_params, sequential_layers, target_modules)
+from .base import MethodOutput, check_density, finish, low_rank_factors, resolve_params
 from ..errors import GlrsError
 from ..godec import exact_step, godec
+from ..layers import LayerStats, sequential_layers, target_modules
+from ..masks import exact_count, parse_nm
 from ..modelio import weight_name
 
 DEFAULTS = {"rank_ratio": 0.25, "iterations": 80, "dtype": "float32", "batch_size": 4}

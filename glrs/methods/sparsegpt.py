@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import (TRUE_SEQUENTIAL_GROUPS, LayerStats, MethodOutput, exact_count,
-                   finish, pruning_setup, sequential_layers, split_count, target_modules)
+from .base import MethodOutput, finish, pruning_setup
 from ..errors import GlrsError
+from ..layers import TRUE_SEQUENTIAL_GROUPS, LayerStats, sequential_layers, target_modules
+from ..masks import exact_count, split_count
 from ..modelio import weight_name
 
 DEFAULTS = {"nm": None, "blocksize": 128, "percdamp": 0.01, "true_sequential": False, "dtype": "float32",

@@ -67,9 +67,10 @@ import time
 import torch
 
 from ..errors import GlrsError
+from ..layers import sequential_layers, target_modules, target_shapes
+from ..masks import exact_count
 from ..modelio import weight_name
-from .base import (MethodOutput, assert_density, check_density, exact_count, low_rank_factors, sequential_layers,
-                   target_modules, target_shapes)
+from .base import MethodOutput, assert_density, check_density, low_rank_factors
 
 DEFAULTS = {
     "rank_ratio": 0.25,

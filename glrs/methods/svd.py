@@ -41,9 +41,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import (LayerStats, MethodOutput, allocate_ranks, check_density, decoder_layers, finish, low_rank_factors,
-                   resolve_params, sequential_layers, target_modules, target_shapes)
+from .base import MethodOutput, allocate_ranks, check_density, finish, low_rank_factors, resolve_params
 from ..errors import GlrsError
+from ..layers import LayerStats, decoder_layers, sequential_layers, target_modules, target_shapes
 from ..modelio import weight_name
 
 

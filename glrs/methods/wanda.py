@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import (LayerStats, MethodOutput, exact_count, finish, nm_mask,
-                   pruning_setup, row_topk_mask, sequential_layers, target_modules)
+from .base import MethodOutput, finish, pruning_setup
+from ..layers import LayerStats, sequential_layers, target_modules
+from ..masks import exact_count, nm_mask, row_topk_mask
 from ..modelio import weight_name
 
 DEFAULTS = {"nm": None, "batch_size": 4}

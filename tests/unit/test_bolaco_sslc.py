@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("optuna")
 
-from glrs.methods.base import decoder_layers, target_modules, target_shapes  # noqa: E402
+from glrs.layers import decoder_layers, target_modules, target_shapes  # noqa: E402
 from glrs.methods.bolaco import BOLACO, pooled_second_moment, round_ranks  # noqa: E402
 from glrs.methods.sslc import SSLC, activation_loss, compose, decompose, split_budget  # noqa: E402
 

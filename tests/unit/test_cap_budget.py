@@ -11,7 +11,7 @@ import torch
 from glrs import allocate, cap, stats
 from glrs.cap import budget as cap_budget
 from glrs.stage1 import read_rpca_layer
-from glrs.methods.base import capped_split
+from glrs.masks import capped_split
 from glrs.stage1 import Stage1
 
 from conftest import save_decomposed

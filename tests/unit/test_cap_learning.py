@@ -23,7 +23,7 @@ from glrs import allocate, cap, stats
 from glrs.cap import budget as cap_budget
 from glrs.cap import candidates as cap_candidates
 from glrs.cap import policy as cap_policy
-from glrs.methods.base import capped_split
+from glrs.masks import capped_split
 
 from conftest import slow_dense, tiny_decomposed
 

@@ -61,7 +61,7 @@ def test_two_to_four_pattern_is_detected_and_bits_round_trip():
     g = torch.Generator().manual_seed(2)
     m, n = 8, 16
     scores = torch.rand(m, n, generator=g)
-    from glrs.methods.base import nm_mask
+    from glrs.masks import nm_mask
 
     mask = nm_mask(scores, (2, 4))
     assert compressed.is_2to4(mask) and not compressed.is_2to4(torch.rand(m, n, generator=g) < 0.9)

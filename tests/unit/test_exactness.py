@@ -24,7 +24,7 @@ from safetensors import safe_open
 
 from glrs import allocate, compressed, pipeline
 from glrs.methods import get_method
-from glrs.methods.base import target_shapes
+from glrs.layers import target_shapes
 from glrs.stage1 import Stage1
 
 from conftest import slow_dense, slow_read_compressed

@@ -14,8 +14,9 @@ import torch
 from glrs.compressed import compose
 from glrs.errors import GlrsError
 from glrs.methods import METHODS, effective_params, get_method, method_version
-from glrs.methods.base import (LayerStats, allocate_ranks, collect_stats, row_topk_mask, sequential_layers,
-                               split_count, target_modules, target_shapes)
+from glrs.layers import LayerStats, collect_stats, sequential_layers, target_modules, target_shapes
+from glrs.masks import row_topk_mask, split_count
+from glrs.methods.base import allocate_ranks
 from glrs.methods.oats import oats_budget, oats_decompose
 from glrs.methods.sparsegpt import sparsegpt_prune
 from glrs.methods.svd import asvd_approx, svd_approx, svdllm_approx
@@ -420,7 +421,7 @@ def test_true_sequential_groups_see_compressed_predecessors(calib_ids):
         calls.append((i, sorted(stats), stats))
         return {"v": torch.zeros_like(target_modules(layer)["v"].weight)} if "v" in stats else {}
 
-    from glrs.methods.base import TRUE_SEQUENTIAL_GROUPS
+    from glrs.layers import TRUE_SEQUENTIAL_GROUPS
     sequential_layers(model, calib_ids, "cpu", zero_v, groups=TRUE_SEQUENTIAL_GROUPS)
     assert [c[1] for c in calls[:4]] == [sorted(g) for g in TRUE_SEQUENTIAL_GROUPS]
     o_stats = calls[1][2]["o"]

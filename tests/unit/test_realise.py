@@ -128,7 +128,7 @@ def _sorted_row_topk(scores, keep_total):
 
 
 def test_row_topk_mask_is_the_sorted_mask_including_ties():
-    from glrs.methods.base import row_topk_mask
+    from glrs.masks import row_topk_mask
 
     g = torch.Generator().manual_seed(3)
     for trial in range(12):

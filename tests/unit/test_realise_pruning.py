@@ -10,7 +10,8 @@ from safetensors import safe_open
 
 from glrs import modelio, pipeline, realise, stats
 from glrs.errors import GlrsError
-from glrs.methods.base import LayerStats, exact_count
+from glrs.layers import LayerStats
+from glrs.masks import exact_count
 from glrs.methods.sparsegpt import sparsegpt_prune
 from glrs.methods.wanda import wanda_mask
 

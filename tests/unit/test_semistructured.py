@@ -14,7 +14,7 @@ import torch
 
 from glrs import realise
 from glrs.errors import GlrsError
-from glrs.methods.base import target_shapes
+from glrs.layers import target_shapes
 from glrs.methods.oats import OATS, oats_budget_nm, oats_decompose
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,7 +120,7 @@ def test_refit_lowers_the_weighted_error_under_24():
 
 def test_godec_24_mask_at_rank_zero_is_the_24_mask_of_the_weights():
     from glrs.godec import SubspaceStep, godec
-    from glrs.methods.base import nm_mask
+    from glrs.masks import nm_mask
 
     W, _ = _problem()
     _, _, mask = godec(W, 0, 0, 3, step=SubspaceStep, nm=(2, 4))

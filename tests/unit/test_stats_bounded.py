@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from glrs import modelio, stats
-from glrs.methods.base import collect_stats
+from glrs.layers import collect_stats
 
 
 def _ids(n=4, seqlen=16, vocab=500, seed=0):
