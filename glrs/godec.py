@@ -11,6 +11,8 @@ here once and the step is an argument:
   * `SubspaceStep`: a warm-started subspace iteration in Wd's dtype, one power step per iteration from the
     previous right basis; the realisation, where a layer's 40 iterations would otherwise cost a full
     eigendecomposition each (glrs.realise, step 2).
+Both decompose W D, D = diag(column_scale(input column norms)), and take L D^-1 back with
+`unscaled_low_rank`.
 SSLC's alternating minimisation (glrs.methods.sslc.decompose) is a different algorithm (its paper's protected
 entries, the sparse step first, a global top-k, L-steps accepted only when they lower the objective) and does
 not use this loop.
@@ -90,6 +92,26 @@ def sparse_mask(scores: torch.Tensor, nnz: int, nm: tuple[int, int] | None = Non
     """GoDec's sparse support: the row top-k of `scores` with `nnz` in all (row_topk_mask), or under N:M
     the N largest of every M consecutive columns of each row (nm_mask; `nnz` ignored)."""
     return row_topk_mask(scores, nnz) if nm is None else nm_mask(scores, nm)
+
+
+def column_scale(col_norm: torch.Tensor) -> torch.Tensor:
+    """D's diagonal: the inputs' column norms (OATS's ||X_j||, the realisation's sqrt(H_jj)), with dead inputs
+    floored at 1e-8 of the mean so that D stays invertible. Both decompose W D, not W."""
+    d = col_norm.clamp_min(0)
+    floor = 1e-8 * (d.mean() if d.numel() else 1.0)
+    if not floor > 0:
+        floor = torch.tensor(1.0, dtype=d.dtype, device=d.device)
+    return torch.where(d > 0, d, floor)
+
+
+def unscaled_low_rank(P: torch.Tensor, B: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
+    """L D^-1 of GoDec's L = P B in float64 as {"U" [m, r], "sigma" [r], "V" [n, r]}: with the r x n SVD
+    B D^-1 = Ub diag(sigma) Vh, L D^-1 = (P Ub) diag(sigma) Vh (d: D's diagonal in float64)."""
+    m, n = P.shape[0], B.shape[1]
+    if P.shape[1] == 0:
+        return {"U": d.new_zeros(m, 0), "sigma": d.new_zeros(0), "V": d.new_zeros(n, 0)}
+    Ub, sigma, Vh = torch.linalg.svd(B.to(torch.float64) / d.unsqueeze(0), full_matrices=False)
+    return {"U": P.to(torch.float64) @ Ub, "sigma": sigma, "V": Vh.T}
 
 
 def godec(Wd: torch.Tensor, rank: int, nnz: int, iterations: int, step: Callable[[int], RankStep] = exact_step,

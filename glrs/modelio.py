@@ -183,18 +183,26 @@ def _hub_source(spec: str, revision: str) -> ModelSource:
     return ModelSource(spec, "hub", spec, f"hub:{spec}@{sha}", cfg.model_type, int(cfg.num_hidden_layers))
 
 
+def load_gguf_model(path: str | Path, dtype: torch.dtype):
+    """A GGUF's model with its weights dequantised to `dtype`, as an ordinary checkpoint: the GGUF marker is
+    dropped so that save_pretrained writes plain tensors."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
 def _load_hf(source: ModelSource, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if source.kind == "gguf":
-        folder, name = str(Path(source.location).parent), Path(source.location).name
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        # The weights are dequantised to `dtype` on load; drop the GGUF marker so
-        # that save_pretrained writes them as an ordinary checkpoint.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        path = Path(source.location)
+        model = load_gguf_model(path, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     else:
         revision = source.key.rsplit("@", 1)[1] if source.kind == "hub" else None
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, revision=revision)

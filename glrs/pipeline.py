@@ -118,7 +118,7 @@ def run_allocator(stage1: Stage1, allocator: str, density: float, params: dict, 
                   model_dir: str | None, calib_file: str | None, json_out: str, masks_out: str | None = None,
                   device: str = "auto", stats_files: list[str] | None = None) -> dict:
     """One allocation from every layer's Stage-1 candidates (a glrs.stage1.Stage1: the decompose
-    files, or under stage1 weights the model's weights; a list of files is taken as the former).
+    files, or under stage1 weights the model's weights).
     The json holds the per-matrix budgets; the per-candidate keep-masks go to `masks_out` only when
     given (realise.mode select reads them; the realisers need only the budgets)."""
     stage1.check_readable()
@@ -166,9 +166,9 @@ def kept_factors(layer_tensors: dict[str, torch.Tensor], short: str, rank_keep: 
 
 def materialise(model_dir: str, stage1: Stage1, masks_file: str | None, alloc_json: str,
                 run_info: dict, out: str, export: str = "none") -> dict:
-    """The compressed model (glrs.compressed) of the kept Stage-1 candidates (from a glrs.stage1.Stage1,
-    or a list of decompose files): the paper's realise.mode select. The keep-masks file is needed only
-    where the allocation did not keep prefixes (CAP's per-candidate policies)."""
+    """The compressed model (glrs.compressed) of the kept Stage-1 candidates (from a glrs.stage1.Stage1): the
+    paper's realise.mode select. The keep-masks file is needed only where the allocation did not keep prefixes
+    (CAP's per-candidate policies)."""
     alloc_info = json.loads(Path(alloc_json).read_text())
     if masks_file is not None:
         masks = allocate.load_masks(masks_file)

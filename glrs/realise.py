@@ -76,7 +76,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import cas, compressed, modelio, stats
-from .godec import SubspaceStep, godec
+from .godec import SubspaceStep, column_scale, godec, unscaled_low_rank
 from .masks import row_topk_mask
 from .errors import GlrsError
 
@@ -270,8 +270,6 @@ def output_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor, den: flo
 def realise_matrix(W: torch.Tensor, H: torch.Tensor, budget: int, params: dict) -> tuple[dict, dict]:
     """(factors in glrs.compressed layout, record) spending exactly `budget` parameters on W [m, n]
     (under N:M sparsity: `budget` less the record's `leftover` < m + n; a budget of m*n: W itself)."""
-    from .methods.oats import oats_scale
-
     m, n = W.shape
     nm = nm_of(params)
     W64 = W.to(torch.float64)
@@ -286,14 +284,9 @@ def realise_matrix(W: torch.Tensor, H: torch.Tensor, budget: int, params: dict) 
             factors = {"U": W64.new_zeros(m, 0), "sigma": W64.new_zeros(0), "V": W64.new_zeros(n, 0),
                        "S_index": torch.arange(m * n, device=W.device), "S_values": W64.reshape(-1).clone()}
             return factors, {"rank": 0, "nnz": m * n, "params": m * n, "error_before_refit": 0.0, "error": 0.0} | extra
-    d = oats_scale(torch.diagonal(H).clamp_min(0).sqrt())
+    d = column_scale(torch.diagonal(H).clamp_min(0).sqrt())
     P, B, mask = godec((W64 * d).to(GODEC_DTYPE), rank, nnz, int(params["iterations"]), step=SubspaceStep, nm=nm)
-    # L D^-1 = P (B D^-1) = (P Ub) diag(sigma) Vh with B D^-1 = Ub diag(sigma) Vh (an r x n SVD)
-    if rank > 0:
-        Ub, sigma, Vh = torch.linalg.svd(B.to(torch.float64) / d.unsqueeze(0), full_matrices=False)
-        f = {"U": P.to(torch.float64) @ Ub, "sigma": sigma, "V": Vh.T}
-    else:
-        f = {"U": W64.new_zeros(m, 0), "sigma": W64.new_zeros(0), "V": W64.new_zeros(n, 0)}
+    f = unscaled_low_rank(P, B, d)
     L = (f["U"] * f["sigma"]) @ f["V"].T
     den = float((W64 @ H * W64).sum())
     before = output_error(W64, L + (W64 - L) * mask, H, den) if nnz else output_error(W64, L, H, den)

@@ -84,7 +84,7 @@ def _layer_of(path: Path) -> int:
 @dataclass
 class MatrixPool:
     """The candidates Stage 1 left for one matrix: its singular values and sorted |S| (under stage1
-    none: no singular values, and every weight's |value|; glrs.stage1)."""
+    weights: no singular values, and every weight's |value|)."""
 
     name: str
     layer: int

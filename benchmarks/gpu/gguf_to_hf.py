@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from glrs.modelio import load_gguf_model  # noqa: E402
 
 
 def main() -> None:
@@ -24,10 +27,7 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--dtype", default="bfloat16")
     a = ap.parse_args()
-    model = AutoModelForCausalLM.from_pretrained(str(a.gguf.parent), gguf_file=a.gguf.name, dtype=getattr(torch, a.dtype))
-    model.hf_quantizer = None  # dequantised on load: save as an ordinary checkpoint
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    model = load_gguf_model(a.gguf, getattr(torch, a.dtype))
     tmp = a.out.with_name(a.out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

@@ -59,7 +59,7 @@ import torch
 
 from .base import MethodOutput, check_density, finish, low_rank_factors, resolve_params
 from ..errors import GlrsError
-from ..godec import exact_step, godec
+from ..godec import column_scale, exact_step, godec, unscaled_low_rank
 from ..layers import LayerStats, sequential_layers, target_modules
 from ..masks import exact_count, parse_nm
 from ..modelio import weight_name
@@ -98,14 +98,6 @@ def oats_budget_nm(shape: tuple[int, int], density: float, nm: tuple[int, int]) 
     return r, k, total - k - r * (m + n)
 
 
-def oats_scale(col_norm: torch.Tensor) -> torch.Tensor:
-    d = col_norm.clamp_min(0)
-    floor = 1e-8 * (d.mean() if d.numel() else 1.0)
-    if not floor > 0:
-        floor = torch.tensor(1.0, dtype=d.dtype, device=d.device)
-    return torch.where(d > 0, d, floor)
-
-
 def oats_decompose(W: torch.Tensor, col_norm: torch.Tensor, rank: int, nnz: int, iterations: int,
                    dtype=torch.float32, track: bool = False, nm: tuple[int, int] | None = None):
     """(W~, keep mask of the sparse part, history, factors): GoDec (glrs.godec, the exact rank step) on W D.
@@ -118,7 +110,7 @@ def oats_decompose(W: torch.Tensor, col_norm: torch.Tensor, rank: int, nnz: int,
     if iterations < 1:
         raise GlrsError(f"OATS: iterations must be >= 1, got {iterations}")
     m, n = W.shape
-    d = oats_scale(col_norm.to(W.device, torch.float64)).to(dtype)
+    d = column_scale(col_norm.to(W.device, torch.float64)).to(dtype)
     Wd = W.detach().to(dtype) * d.unsqueeze(0)
     history = []
     norm = torch.linalg.norm(Wd)
@@ -130,16 +122,10 @@ def oats_decompose(W: torch.Tensor, col_norm: torch.Tensor, rank: int, nnz: int,
     P, B, mask = godec(Wd, rank, nnz, iterations, step=exact_step, nm=nm, on_iteration=record if track else None)
     L = (P @ B).to(dtype)
     S = (Wd - L) * mask
-    d64 = d.to(torch.float64)
-    # L D^-1 = P (B D^-1) = (P Ub) diag(sigma) Vh with B D^-1 = Ub diag(sigma) Vh (an r x n SVD)
-    if rank > 0:
-        Ub, sigma, Vh = torch.linalg.svd(B / d64.unsqueeze(0), full_matrices=False)
-        U = P @ Ub
-    else:
-        U, sigma, Vh = d64.new_zeros(m, 0), d64.new_zeros(0), d64.new_zeros(0, n)
+    f = unscaled_low_rank(P, B, d.to(torch.float64))
     index = torch.nonzero(mask.reshape(-1)).squeeze(1)
     values = (S / d.unsqueeze(0)).reshape(-1)[index].to(torch.float64)
-    factors = {"U": U, "sigma": sigma, "V": Vh.T, "S_index": index, "S_values": values}
+    factors = f | {"S_index": index, "S_values": values}
     out = (L + S) / d.unsqueeze(0)
     return out.to(W.dtype), mask, history, factors
 
